@@ -1,0 +1,147 @@
+// On-disk state: where skiff keeps its cache, data and runtime files, and the two primitives every
+// writer uses so that concurrent skiff processes never see or leave a half-written file.
+import { createHash, randomBytes } from 'node:crypto';
+import { constants, promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export class StoreError extends Error {}
+
+function xdg(envName: string, fallback: string): string {
+  const value = process.env[envName];
+  return value && path.isAbsolute(value) ? value : path.join(os.homedir(), fallback);
+}
+
+/** Kernels, boot images, initrds: everything that can be rebuilt. `SKIFF_CACHE_DIR` overrides. */
+export function cacheDir(): string {
+  return process.env.SKIFF_CACHE_DIR || path.join(xdg('XDG_CACHE_HOME', '.cache'), 'skiff');
+}
+
+/** Images and volumes: what the user put there. `SKIFF_DATA_DIR` overrides. */
+export function dataDir(): string {
+  return process.env.SKIFF_DATA_DIR || path.join(xdg('XDG_DATA_HOME', '.local/share'), 'skiff');
+}
+
+/** Sockets and per-VM scratch files; private to the user (0700). */
+export async function runtimeDir(): Promise<string> {
+  const base = process.env.XDG_RUNTIME_DIR;
+  const dir = base ? path.join(base, 'skiff') : path.join(os.tmpdir(), `skiff-${process.getuid?.() ?? 'user'}`);
+  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+  const st = await fs.lstat(dir);
+  if (!st.isDirectory() || (process.getuid && st.uid !== process.getuid()) || (st.mode & 0o077) !== 0) {
+    throw new StoreError(`runtime directory ${dir} must be a directory owned by you with mode 0700`);
+  }
+  return dir;
+}
+
+/** A fresh private directory for one VM's sockets and status files. */
+export async function makeVmDir(): Promise<string> {
+  return fs.mkdtemp(path.join(await runtimeDir(), 'vm-'));
+}
+
+export function sha256(...parts: (string | Uint8Array)[]): string {
+  const h = createHash('sha256');
+  for (const p of parts) {
+    h.update(typeof p === 'string' ? Buffer.from(p) : p);
+    h.update('\0');
+  }
+  return h.digest('hex');
+}
+
+export async function fileSha256(file: string): Promise<string> {
+  const h = createHash('sha256');
+  const fh = await fs.open(file, 'r');
+  try {
+    for await (const chunk of fh.createReadStream()) h.update(chunk as Buffer);
+  } finally {
+    await fh.close().catch(() => {});
+  }
+  return h.digest('hex');
+}
+
+export function tempNameFor(target: string): string {
+  return `${target}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+}
+
+/** Writes a whole file so that readers see the old content or the new, never a part. */
+export async function atomicWrite(target: string, data: string | Uint8Array, mode = 0o644): Promise<void> {
+  await fs.mkdir(path.dirname(target), { recursive: true });
+  const tmp = tempNameFor(target);
+  try {
+    await fs.writeFile(tmp, data, { mode });
+    await fs.rename(tmp, target);
+  } catch (err) {
+    await fs.rm(tmp, { force: true });
+    throw err;
+  }
+}
+
+/** Copies a file into place atomically. */
+export async function atomicCopy(source: string, target: string): Promise<void> {
+  await fs.mkdir(path.dirname(target), { recursive: true });
+  const tmp = tempNameFor(target);
+  try {
+    await fs.copyFile(source, tmp);
+    await fs.rename(tmp, target);
+  } catch (err) {
+    await fs.rm(tmp, { force: true });
+    throw err;
+  }
+}
+
+export async function exists(file: string): Promise<boolean> {
+  try {
+    await fs.access(file, constants.F_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Runs fn while holding an exclusive lock file. A lock left by a process that no longer exists is
+ * taken over; a live holder is waited for, and onWait is told once who it is.
+ */
+export async function withLock<T>(lockPath: string, fn: () => Promise<T>, onWait?: (holderPid: number) => void): Promise<T> {
+  await fs.mkdir(path.dirname(lockPath), { recursive: true });
+  let told = false;
+  for (;;) {
+    try {
+      const fh = await fs.open(lockPath, 'wx');
+      await fh.writeFile(String(process.pid));
+      await fh.close();
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const holder = Number.parseInt(await fs.readFile(lockPath, 'utf8').catch(() => ''), 10);
+      if (Number.isInteger(holder) && holder > 0 && processAlive(holder) && holder !== process.pid) {
+        if (!told) onWait?.(holder);
+        told = true;
+        await new Promise((r) => setTimeout(r, 250));
+        continue;
+      }
+      // Stale (its writer died) or still being written: take it over only if it is really stale.
+      if (!Number.isInteger(holder)) {
+        await new Promise((r) => setTimeout(r, 50));
+        const again = await fs.readFile(lockPath, 'utf8').catch(() => '');
+        if (again === '') await fs.rm(lockPath, { force: true });
+        continue;
+      }
+      await fs.rm(lockPath, { force: true });
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    await fs.rm(lockPath, { force: true });
+  }
+}

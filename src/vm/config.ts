@@ -1,0 +1,112 @@
+// VmConfig: everything a Machine needs, validated once here. Engines only consume it.
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { inspectKernel, type KernelInfo } from '../kernel/inspect.js';
+
+export class VmConfigError extends Error {}
+
+export const LIMITS = {
+  cpus: { min: 1, max: 64 },
+  memoryMiB: { min: 32, max: 64 * 1024 },
+  timeoutSec: { min: 0.1, max: 7 * 24 * 3600 },
+  /** x86 COMMAND_LINE_SIZE, including the terminating NUL. */
+  cmdlineBytes: 2048,
+} as const;
+
+export const DEFAULTS = { cpus: 1, memoryMiB: 256 } as const;
+
+/** The port of the exit device: QEMU's isa-debug-exit, and the native VMM's own. */
+export const EXIT_PORT = 0xf4;
+
+export interface VmConfigInput {
+  kernel: string;
+  initrd?: string;
+  /** Extra kernel command line, appended after skiff's own. */
+  cmdline?: string;
+  /** The command skiff-init runs; absent: an interactive shell on the console. */
+  command?: string[];
+  cpus?: number;
+  memoryMiB?: number;
+  timeoutSec?: number;
+  /** Keep the kernel's boot messages (drops "quiet"). */
+  verbose?: boolean;
+}
+
+export interface VmConfig {
+  readonly kernel: KernelInfo;
+  readonly initrd?: string;
+  /** The whole kernel command line, as the guest will see it. */
+  readonly cmdline: string;
+  readonly cpus: number;
+  readonly memoryMiB: number;
+  readonly timeoutMs?: number;
+}
+
+function checkRange(name: string, value: number, range: { min: number; max: number }, integer: boolean): number {
+  if (!Number.isFinite(value) || (integer && !Number.isInteger(value)) || value < range.min || value > range.max) {
+    throw new VmConfigError(`${name} must be ${integer ? 'a whole number ' : ''}from ${range.min} to ${range.max}, got ${value}`);
+  }
+  return value;
+}
+
+/** skiff-init reads the command hex-encoded, NUL-separated: no quoting rule of the kernel can mangle it. */
+export function encodeCommand(argv: readonly string[]): string {
+  if (argv.length === 0) throw new VmConfigError('the command is empty');
+  for (const arg of argv) if (arg.includes('\0')) throw new VmConfigError('a command argument contains a NUL byte');
+  return Buffer.from(argv.map((a) => `${a}\0`).join(''), 'utf8').toString('hex');
+}
+
+export function buildCmdline(input: Pick<VmConfigInput, 'cmdline' | 'command' | 'verbose'>): string {
+  const parts = [
+    'console=ttyS0',
+    // End the VM on reboot and on panic: QEMU runs with -no-reboot, reboot=t is a triple fault.
+    'reboot=t',
+    'panic=-1',
+    // Only one UART is ever present; probing the default four costs boot time.
+    '8250.nr_uarts=1',
+    `skiff.exit_port=0x${EXIT_PORT.toString(16)}`,
+  ];
+  if (!input.verbose) parts.push('quiet');
+  if (input.cmdline?.trim()) parts.push(input.cmdline.trim());
+  if (input.command) parts.push(`skiff.cmd=${encodeCommand(input.command)}`);
+  const cmdline = parts.join(' ');
+  if (Buffer.byteLength(cmdline) + 1 > LIMITS.cmdlineBytes) {
+    throw new VmConfigError(`kernel command line is ${Buffer.byteLength(cmdline)} bytes, the limit is ${LIMITS.cmdlineBytes - 1}: shorten the command or --cmdline`);
+  }
+  return cmdline;
+}
+
+async function checkReadable(what: string, file: string): Promise<string> {
+  const abs = path.resolve(file);
+  try {
+    const st = await fs.stat(abs);
+    if (!st.isFile()) throw new VmConfigError(`${what} ${file} is not a regular file`);
+    await fs.access(abs, fs.constants.R_OK);
+  } catch (err) {
+    if (err instanceof VmConfigError) throw err;
+    throw new VmConfigError(`${what} ${file}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`);
+  }
+  return abs;
+}
+
+export async function makeVmConfig(input: VmConfigInput): Promise<VmConfig> {
+  const kernelPath = await checkReadable('kernel', input.kernel);
+  let kernel: KernelInfo;
+  try {
+    kernel = await inspectKernel(kernelPath);
+  } catch (err) {
+    throw new VmConfigError((err as Error).message);
+  }
+  if (kernel.format === 'elf' && kernel.pvhEntry === undefined) {
+    throw new VmConfigError(`${input.kernel} is an ELF vmlinux without a PVH entry note (build it with CONFIG_PVH=y, or boot its bzImage)`);
+  }
+  const config: VmConfig = {
+    kernel,
+    initrd: input.initrd === undefined ? undefined : await checkReadable('initrd', input.initrd),
+    cmdline: buildCmdline(input),
+    cpus: checkRange('--cpus', input.cpus ?? DEFAULTS.cpus, LIMITS.cpus, true),
+    memoryMiB: checkRange('--memory (MiB)', input.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB, true),
+    timeoutMs: input.timeoutSec === undefined ? undefined : checkRange('--timeout (seconds)', input.timeoutSec, LIMITS.timeoutSec, false) * 1000,
+  };
+  return Object.freeze(config);
+}

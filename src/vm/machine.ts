@@ -1,0 +1,55 @@
+// The Machine API: one running guest, whichever engine runs it.
+import type { Readable, Writable } from 'node:stream';
+import type { ReadyMarker } from './console.js';
+import type { EngineName } from './host.js';
+
+export class MachineError extends Error {}
+
+/** How a machine ended. */
+export type MachineExit =
+  /** skiff-init reported the guest command's exit status. */
+  | { kind: 'exited'; status: number }
+  /** The guest kernel panicked; message is the kernel's own. */
+  | { kind: 'panic'; message: string }
+  /** It ran past its timeout and was killed. */
+  | { kind: 'timeout'; seconds: number }
+  /** kill() was called. */
+  | { kind: 'killed' }
+  /** The guest reset or powered off without reporting a status. */
+  | { kind: 'ended'; detail: string }
+  /** The engine itself failed (it could not start the guest, or died). */
+  | { kind: 'failed'; message: string };
+
+export interface Machine {
+  readonly engine: EngineName;
+  /** e.g. "qemu 7.2 (tcg)" */
+  readonly description: string;
+  /** Console output of the guest (its serial port). */
+  readonly output: Readable;
+  /** Console input to the guest. */
+  readonly input: Writable;
+  /** skiff-init's ready marker; undefined if the machine ended before it said it was ready. */
+  readonly ready: Promise<ReadyMarker | undefined>;
+  /** Resolves once, when the machine has ended and its resources are released. */
+  wait(): Promise<MachineExit>;
+  /** Ends the machine at once. */
+  kill(): void;
+}
+
+/** One-line text for an ending that is not a guest exit status. */
+export function describeExit(exit: MachineExit): string {
+  switch (exit.kind) {
+    case 'exited':
+      return `guest command exited with status ${exit.status}`;
+    case 'panic':
+      return `guest kernel panic: ${exit.message}`;
+    case 'timeout':
+      return `guest still running after ${exit.seconds} s (--timeout): stopped it`;
+    case 'killed':
+      return 'guest was killed';
+    case 'ended':
+      return `guest ended without reporting an exit status (${exit.detail})`;
+    case 'failed':
+      return exit.message;
+  }
+}

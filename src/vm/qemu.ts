@@ -1,0 +1,154 @@
+// The QEMU engine: qemu-system-x86_64 -M microvm runs the guest (KVM where hardware virtualization
+// is real, TCG otherwise); skiff reads the guest's exit status from a virtio serial port and
+// QEMU's isa-debug-exit device.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { makeVmDir } from '../store/store.js';
+import { ConsoleTap, findPanic, type ReadyMarker } from './console.js';
+import { EXIT_PORT, type VmConfig } from './config.js';
+import type { Accel } from './host.js';
+import type { Machine, MachineExit } from './machine.js';
+
+export const QEMU_BINARY = 'qemu-system-x86_64';
+
+export interface QemuOptions {
+  accel: Accel;
+  /** Count guest instructions: TCG with -icount shift=0,sleep=off (1 instruction = 1 ns of guest time). */
+  icount?: boolean;
+  binary?: string;
+}
+
+/** QEMU's option parser treats ',' as a separator; a literal comma is written twice. */
+function optionValue(value: string): string {
+  return value.replaceAll(',', ',,');
+}
+
+export function qemuArgs(config: VmConfig, statusFile: string, options: QemuOptions): string[] {
+  const accel = options.icount ? 'tcg' : options.accel;
+  const args = [
+    '-nodefaults',
+    '-no-user-config',
+    '-nographic',
+    // Under TCG microvm needs the PIT and the RTC: without the RTC the kernel spins about a second.
+    // acpi=off: skiff's kernel has no ACPI, and QEMU then puts virtio_mmio.device= on the command line.
+    '-M', 'microvm,pit=on,rtc=on,pic=on,acpi=off,isa-serial=on',
+    '-accel', accel,
+    '-cpu', accel === 'kvm' ? 'host' : 'max',
+    '-smp', String(config.cpus),
+    '-m', `${config.memoryMiB}M`,
+    '-no-reboot',
+    '-serial', 'stdio',
+    '-kernel', config.kernel.path,
+    '-append', config.cmdline,
+    '-global', 'virtio-mmio.force-legacy=false',
+    '-device', `isa-debug-exit,iobase=0x${EXIT_PORT.toString(16)},iosize=4`,
+    '-chardev', `file,id=skiffstatus,path=${optionValue(statusFile)}`,
+    '-device', 'virtio-serial-device',
+    '-device', 'virtserialport,chardev=skiffstatus,name=skiff.status',
+  ];
+  if (config.initrd) args.push('-initrd', config.initrd);
+  if (options.icount) args.push('-icount', 'shift=0,sleep=off');
+  return args;
+}
+
+/** isa-debug-exit makes QEMU exit with (value << 1) | 1, truncated to 8 bits by the OS. */
+function debugExitCode(status: number): number {
+  return ((status << 1) | 1) & 0xff;
+}
+
+export async function startQemu(config: VmConfig, options: QemuOptions): Promise<Machine> {
+  const vmDir = await makeVmDir();
+  const statusFile = path.join(vmDir, 'status');
+  const binary = options.binary ?? QEMU_BINARY;
+  const child = spawn(binary, qemuArgs(config, statusFile, options), { stdio: ['pipe', 'pipe', 'pipe'] });
+  return new QemuMachine(child, config, vmDir, statusFile, options, binary);
+}
+
+class QemuMachine implements Machine {
+  readonly engine = 'qemu' as const;
+  readonly description: string;
+  readonly output: ConsoleTap;
+  readonly input;
+  readonly ready: Promise<ReadyMarker | undefined>;
+  private readonly exit: Promise<MachineExit>;
+  private stderrTail = '';
+  private timedOut = false;
+  private killed = false;
+
+  constructor(
+    private readonly child: ChildProcess,
+    private readonly config: VmConfig,
+    private readonly vmDir: string,
+    private readonly statusFile: string,
+    options: QemuOptions,
+    binary: string,
+  ) {
+    this.description = `qemu microvm (${options.icount ? 'tcg, icount' : options.accel})`;
+    let markReady: (m: ReadyMarker | undefined) => void = () => {};
+    this.ready = new Promise((resolve) => (markReady = resolve));
+    this.output = new ConsoleTap((m) => markReady(m));
+    child.stdout!.pipe(this.output);
+    this.input = child.stdin!;
+    // A guest that stops reading its console must not make writes to it fail the host process.
+    child.stdin!.on('error', () => {});
+    child.stderr!.setEncoding('utf8');
+    child.stderr!.on('data', (text: string) => {
+      this.stderrTail = (this.stderrTail + text).slice(-4096);
+    });
+
+    const timer = config.timeoutMs === undefined ? undefined : setTimeout(() => {
+      this.timedOut = true;
+      child.kill('SIGKILL');
+    }, config.timeoutMs);
+
+    this.exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null; spawnError?: Error }>((resolve) => {
+      child.on('error', (err) => resolve({ code: null, signal: null, spawnError: err }));
+      // 'close' comes after stdout has ended, so the console tail is complete when we judge the ending.
+      child.on('close', (code, signal) => resolve({ code, signal }));
+    }).then(async (ended) => {
+      if (timer) clearTimeout(timer);
+      const result = await this.judge(ended, binary);
+      markReady(undefined);
+      await fs.rm(this.vmDir, { recursive: true, force: true });
+      return result;
+    });
+  }
+
+  private async judge(ended: { code: number | null; signal: NodeJS.Signals | null; spawnError?: Error }, binary: string): Promise<MachineExit> {
+    if (ended.spawnError) {
+      const enoent = (ended.spawnError as NodeJS.ErrnoException).code === 'ENOENT';
+      return { kind: 'failed', message: enoent ? `${binary} not found: install QEMU (apt-get install qemu-system-x86)` : `cannot start ${binary}: ${ended.spawnError.message}` };
+    }
+    if (this.timedOut) return { kind: 'timeout', seconds: this.config.timeoutMs! / 1000 };
+    if (this.killed) return { kind: 'killed' };
+    const reported = await readStatus(this.statusFile);
+    if (reported !== undefined && (ended.code === debugExitCode(reported) || ended.code === 0)) return { kind: 'exited', status: reported };
+    const panic = findPanic(this.output.tail());
+    if (panic !== undefined) return { kind: 'panic', message: panic };
+    // The status port is absent in a guest without virtio-console: isa-debug-exit still carries 7 bits.
+    if (reported === undefined && ended.code !== null && ended.code % 2 === 1 && ended.code > 1) return { kind: 'exited', status: ended.code >> 1 };
+    const qemuSaid = this.stderrTail.trim().split('\n').filter(Boolean).pop();
+    if (ended.code !== 0 && qemuSaid) return { kind: 'failed', message: `qemu failed: ${qemuSaid.replace(/^qemu-system-x86_64: /, '')}` };
+    if (ended.signal) return { kind: 'failed', message: `qemu was killed by ${ended.signal}` };
+    return { kind: 'ended', detail: ended.code === 0 ? 'it reset or powered off' : `qemu exit code ${ended.code}` };
+  }
+
+  wait(): Promise<MachineExit> {
+    return this.exit;
+  }
+
+  kill(): void {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    this.killed = true;
+    this.child.kill('SIGKILL');
+  }
+}
+
+async function readStatus(file: string): Promise<number | undefined> {
+  const text = await fs.readFile(file, 'utf8').catch(() => '');
+  const m = /^exit (\d+)$/m.exec(text);
+  if (!m) return undefined;
+  const status = Number.parseInt(m[1], 10);
+  return status >= 0 && status <= 255 ? status : undefined;
+}
