@@ -57,6 +57,7 @@ export async function defaultInitrd(): Promise<string> {
   cpio.file('etc/passwd', 'root:x:0:0:root:/root:/bin/sh\n');
   cpio.file('etc/group', 'root:x:0:\n');
   cpio.file('etc/hostname', 'skiff\n');
+  await fs.mkdir(path.dirname(file), { recursive: true });
   await cpio.writeTo(file);
   return file;
 }

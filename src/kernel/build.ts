@@ -17,7 +17,7 @@ const RECIPE = 'skiff-kernel-recipe-1';
 const SOURCE_PACKAGE = 'linux-source-6.1';
 const SOURCE_TARBALL = `/usr/src/${SOURCE_PACKAGE}.tar.xz`;
 /** Objects a cold build of the default fragment compiles (measured); only used to scale progress. */
-const EXPECTED_OBJECTS = 1150;
+const EXPECTED_OBJECTS = 1300;
 
 export class KernelBuildError extends Error {}
 
@@ -150,6 +150,8 @@ async function build(key: string, inputs: Inputs, options: KernelBuildOptions): 
   const finalConfig = await fs.readFile(path.join(out, '.config'), 'utf8');
   const lost = lostOptions(parseConfig(inputs.fragmentText, options.fragment), parseConfig(finalConfig, '.config'));
   if (lost.length > 0) {
+    // A configuration that cannot be built is of no use to a later incremental build.
+    await fs.rm(out, { recursive: true, force: true });
     throw new KernelConfigError(`olddefconfig dropped or changed ${lost.length} requested option(s) from ${options.fragment}: ${lost.join(', ')}`);
   }
 

@@ -32,8 +32,8 @@ export class ConsoleTap extends Transform {
   }
 
   private remember(chunk: Buffer): void {
-    this.tailChunks.push(chunk);
-    this.tailLength += chunk.length;
+    this.tailChunks.push(chunk.length > TAIL_BYTES ? chunk.subarray(chunk.length - TAIL_BYTES) : chunk);
+    this.tailLength += this.tailChunks[this.tailChunks.length - 1].length;
     while (this.tailLength - this.tailChunks[0].length >= TAIL_BYTES) this.tailLength -= this.tailChunks.shift()!.length;
   }
 

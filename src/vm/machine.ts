@@ -24,8 +24,10 @@ export interface Machine {
   readonly engine: EngineName;
   /** e.g. "qemu 7.2 (tcg)" */
   readonly description: string;
-  /** Console output of the guest (its serial port). */
-  readonly output: Readable;
+  /** The host process running the guest, where the engine uses one (qemu); for measuring it. */
+  readonly hostPid?: number;
+  /** Console output of the guest (its serial port), with skiff-init's ready marker taken out. */
+  readonly output: Readable & { tail(): string };
   /** Console input to the guest. */
   readonly input: Writable;
   /** skiff-init's ready marker; undefined if the machine ended before it said it was ready. */

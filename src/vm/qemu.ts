@@ -68,6 +68,7 @@ export async function startQemu(config: VmConfig, options: QemuOptions): Promise
 class QemuMachine implements Machine {
   readonly engine = 'qemu' as const;
   readonly description: string;
+  readonly hostPid?: number;
   readonly output: ConsoleTap;
   readonly input;
   readonly ready: Promise<ReadyMarker | undefined>;
@@ -84,6 +85,7 @@ class QemuMachine implements Machine {
     options: QemuOptions,
     binary: string,
   ) {
+    this.hostPid = child.pid;
     this.description = `qemu microvm (${options.icount ? 'tcg, icount' : options.accel})`;
     let markReady: (m: ReadyMarker | undefined) => void = () => {};
     this.ready = new Promise((resolve) => (markReady = resolve));
@@ -126,9 +128,12 @@ class QemuMachine implements Machine {
     if (reported !== undefined && (ended.code === debugExitCode(reported) || ended.code === 0)) return { kind: 'exited', status: reported };
     const panic = findPanic(this.output.tail());
     if (panic !== undefined) return { kind: 'panic', message: panic };
-    // The status port is absent in a guest without virtio-console: isa-debug-exit still carries 7 bits.
-    if (reported === undefined && ended.code !== null && ended.code % 2 === 1 && ended.code > 1) return { kind: 'exited', status: ended.code >> 1 };
     const qemuSaid = this.stderrTail.trim().split('\n').filter(Boolean).pop();
+    // A guest kernel without virtio-console has no status port: isa-debug-exit still carries 7 bits.
+    // QEMU's own failures also exit 1, but they say why on stderr.
+    if (reported === undefined && ended.code !== null && ended.code % 2 === 1 && (ended.code > 1 || !qemuSaid)) {
+      return { kind: 'exited', status: ended.code >> 1 };
+    }
     if (ended.code !== 0 && qemuSaid) return { kind: 'failed', message: `qemu failed: ${qemuSaid.replace(/^qemu-system-x86_64: /, '')}` };
     if (ended.signal) return { kind: 'failed', message: `qemu was killed by ${ended.signal}` };
     return { kind: 'ended', detail: ended.code === 0 ? 'it reset or powered off' : `qemu exit code ${ended.code}` };

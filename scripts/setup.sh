@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up a Debian 12 machine (Node 20 already present) to build and run skiff: Debian packages,
+# npm dependencies, the TypeScript build, skiff-init, the native addon, and the default guest kernel
+# (built once into the cache, ~8 minutes on 2 cores). Safe to run again: it skips what is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  # kernel build
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils cpio
+  # addon build
+  cmake
+  # guest userland and the QEMU engine
+  busybox-static qemu-system-x86
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+echo "setup: npm ci"
+npm ci --no-audit --no-fund
+echo "setup: building skiff (TypeScript, skiff-init, native addon)"
+npm run build
+echo "setup: building the default guest kernel (cached after the first time)"
+node dist/cli/main.js kernel build
