@@ -13,7 +13,7 @@ test('the command is hex-encoded NUL-separated argv, so quotes and spaces surviv
 
 test('the command line carries skiff settings, then user text, then the command', (t) => {
   const line = buildCmdline({ cmdline: 'loglevel=3', command: ['true'] });
-  t.regex(line, /^console=ttyS0 reboot=t panic=-1 .*quiet loglevel=3 skiff\.cmd=7472756500$/);
+  t.regex(line, /^console=ttyS0 reboot=t panic=-1 .*quiet loglevel=2 loglevel=3 skiff\.cmd=7472756500$/);
   t.false(buildCmdline({ verbose: true }).includes('quiet'));
 });
 

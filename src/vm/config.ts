@@ -64,9 +64,14 @@ export function buildCmdline(input: Pick<VmConfigInput, 'cmdline' | 'command' | 
     'panic=-1',
     // Only one UART is ever present; probing the default four costs boot time.
     '8250.nr_uarts=1',
+    // The IO-APIC timer check is a timed wait that TCG's scheduling can fail (printing
+    // "MP-BIOS bug" with 2+ vCPUs); the timer is wired the same on every skiff machine.
+    'no_timer_check',
     `skiff.exit_port=0x${EXIT_PORT.toString(16)}`,
   ];
-  if (!input.verbose) parts.push('quiet');
+  // The console carries the command's output: only critical kernel messages (a panic) belong there.
+  // Without it, a PCI-capable kernel on a machine without PCI prints "PCI: Fatal: ..." at KERN_ERR.
+  if (!input.verbose) parts.push('quiet', 'loglevel=2');
   if (input.cmdline?.trim()) parts.push(input.cmdline.trim());
   if (input.command) parts.push(`skiff.cmd=${encodeCommand(input.command)}`);
   const cmdline = parts.join(' ');
