@@ -1,7 +1,14 @@
 // The only file that touches Napi values: it converts between JS and the plain C++ core.
+// A machine runs on its own native thread; console bytes and the ending come back to JS through
+// one thread-safe function, so they arrive in order and the JS thread never blocks.
 #include <napi.h>
 
+#include <memory>
+#include <string>
+#include <thread>
+
 #include "probe.h"
+#include "vmm/machine.h"
 
 namespace {
 
@@ -15,8 +22,143 @@ Napi::Value Probe(const Napi::CallbackInfo& info) {
   return result;
 }
 
+// What travels from the machine thread to JS: a console chunk, or the ending.
+struct Message {
+  std::string console;
+  std::unique_ptr<skiff::MachineResult> result;
+};
+
+const char* kindName(skiff::MachineResult::Kind kind) {
+  switch (kind) {
+    case skiff::MachineResult::Kind::Exited: return "exited";
+    case skiff::MachineResult::Kind::Reset: return "reset";
+    case skiff::MachineResult::Kind::Shutdown: return "shutdown";
+    case skiff::MachineResult::Kind::Killed: return "killed";
+    case skiff::MachineResult::Kind::Error: return "error";
+  }
+  return "error";
+}
+
+class MachineWrap;
+void Deliver(Napi::Env env, Napi::Function onConsole, MachineWrap* self, Message* raw);
+using MachineTsfn = Napi::TypedThreadSafeFunction<MachineWrap, Message, Deliver>;
+
+class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Machine", {InstanceMethod("start", &MachineWrap::Start), InstanceMethod("kill", &MachineWrap::Kill), InstanceMethod("input", &MachineWrap::Input)});
+  }
+
+  explicit MachineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MachineWrap>(info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsObject()) {
+      Napi::TypeError::New(env, "Machine(config): config must be an object").ThrowAsJavaScriptException();
+      return;
+    }
+    Napi::Object o = info[0].As<Napi::Object>();
+    auto str = [&](const char* key, bool required) -> std::string {
+      Napi::Value v = o.Get(key);
+      if (v.IsString()) return v.As<Napi::String>().Utf8Value();
+      if (required || !v.IsUndefined()) Napi::TypeError::New(env, std::string("Machine config: ") + key + " must be a string").ThrowAsJavaScriptException();
+      return "";
+    };
+    auto num = [&](const char* key) -> double {
+      Napi::Value v = o.Get(key);
+      if (!v.IsNumber()) {
+        Napi::TypeError::New(env, std::string("Machine config: ") + key + " must be a number").ThrowAsJavaScriptException();
+        return 0;
+      }
+      return v.As<Napi::Number>().DoubleValue();
+    };
+    config_.kernelPath = str("kernel", true);
+    config_.initrdPath = str("initrd", false);
+    config_.cmdline = str("cmdline", true);
+    double cpus = num("cpus"), mib = num("memoryMiB");
+    if (env.IsExceptionPending()) return;
+    if (cpus < 1 || cpus > 255 || mib < 1 || mib > 1 << 20) {
+      Napi::RangeError::New(env, "Machine config: cpus or memoryMiB out of range").ThrowAsJavaScriptException();
+      return;
+    }
+    config_.cpus = static_cast<uint32_t>(cpus);
+    config_.memoryBytes = static_cast<uint64_t>(mib) << 20;
+  }
+
+ private:
+  // start(onConsole: (chunk: Buffer) => void): Promise<{kind, status, detail, rip, setupMs, runMs}>
+  Napi::Value Start(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (started_) {
+      Napi::Error::New(env, "Machine.start: already started").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    if (info.Length() < 1 || !info[0].IsFunction()) {
+      Napi::TypeError::New(env, "Machine.start(onConsole): onConsole must be a function").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    started_ = true;
+    deferred_ = std::make_unique<Napi::Promise::Deferred>(env);
+    tsfn_ = MachineTsfn::New(env, info[0].As<Napi::Function>(), "skiff-machine", 0, 1, this);
+    Ref();  // the wrapper must outlive the machine thread
+
+    machine_ = std::make_unique<skiff::Machine>(config_, [this](const uint8_t* data, size_t size) {
+      auto* msg = new Message{std::string(reinterpret_cast<const char*>(data), size), nullptr};
+      if (tsfn_.NonBlockingCall(msg) != napi_ok) delete msg;
+    });
+    std::thread([this] {
+      auto* msg = new Message{"", std::make_unique<skiff::MachineResult>(machine_->run())};
+      if (tsfn_.BlockingCall(msg) != napi_ok) delete msg;
+      tsfn_.Release();
+    }).detach();
+    return deferred_->Promise();
+  }
+
+  friend void Deliver(Napi::Env, Napi::Function, MachineWrap*, Message*);
+
+  void Finish(Napi::Env env, const skiff::MachineResult& r) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("kind", kindName(r.kind));
+    o.Set("status", Napi::Number::New(env, r.status));
+    o.Set("detail", r.detail);
+    o.Set("rip", Napi::BigInt::New(env, static_cast<uint64_t>(r.rip)));
+    o.Set("setupMs", r.setupMs);
+    o.Set("runMs", r.runMs);
+    deferred_->Resolve(o);
+    Unref();
+  }
+
+  Napi::Value Kill(const Napi::CallbackInfo& info) {
+    if (machine_) machine_->kill();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Input(const Napi::CallbackInfo& info) {
+    if (info.Length() >= 1 && info[0].IsBuffer() && machine_) {
+      auto buf = info[0].As<Napi::Buffer<uint8_t>>();
+      machine_->consoleInput(buf.Data(), buf.Length());
+    }
+    return info.Env().Undefined();
+  }
+
+  skiff::MachineConfig config_;
+  bool started_ = false;
+  std::unique_ptr<skiff::Machine> machine_;
+  std::unique_ptr<Napi::Promise::Deferred> deferred_;
+  MachineTsfn tsfn_;
+};
+
+void Deliver(Napi::Env env, Napi::Function onConsole, MachineWrap* self, Message* raw) {
+  std::unique_ptr<Message> msg(raw);
+  if (!env) return;  // the environment is going away
+  if (msg->result) {
+    self->Finish(env, *msg->result);  // the ending is always the last message
+    return;
+  }
+  onConsole.Call({Napi::Buffer<char>::Copy(env, msg->console.data(), msg->console.size())});
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("probe", Napi::Function::New(env, Probe, "probe"));
+  exports.Set("Machine", MachineWrap::Define(env));
   return exports;
 }
 

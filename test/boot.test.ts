@@ -101,7 +101,4 @@ test('bad flags: one-line errors, never a crash', async (t) => {
   const engine = await skiff(['boot', '--engine', 'warp', '--', 'true']);
   t.not(engine.code, 0);
   t.regex(engine.stdout + engine.stderr, /--engine/);
-  const native = await skiff(['boot', '--engine', 'native', '--', 'true']);
-  t.is(native.code, 125);
-  t.regex(native.stderr, /^skiff: the native engine .* not in this build yet/);
 });

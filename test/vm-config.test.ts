@@ -54,12 +54,18 @@ test('resources are range-checked', async (t) => {
   t.true(Object.isFrozen(ok));
 });
 
-test('asking for the native engine says plainly it is not built yet', (t) => {
-  t.throws(() => selectEngine('native'), { instanceOf: EngineUnavailableError, message: /native engine .* not in this build yet/ });
-  const pvm = selectEngine('auto', { hardware: false, pvm: true, detail: 'KVM on PVM' });
+test('engine selection: native needs KVM and says what PVM means; auto picks QEMU', (t) => {
+  t.throws(() => selectEngine('native', { kvm: false, hardware: false, pvm: false, detail: '/dev/kvm does not exist' }), {
+    instanceOf: EngineUnavailableError,
+    message: 'the native engine needs KVM: /dev/kvm does not exist',
+  });
+  const nativePvm = selectEngine('native', { kvm: true, hardware: false, pvm: true, detail: 'KVM on PVM' });
+  t.deepEqual([nativePvm.engine, nativePvm.accel], ['native', 'kvm']);
+  t.regex(nativePvm.reason ?? '', /emulated/);
+  const pvm = selectEngine('auto', { kvm: true, hardware: false, pvm: true, detail: 'KVM on PVM' });
   t.deepEqual([pvm.engine, pvm.accel], ['qemu', 'tcg']);
   t.regex(pvm.reason ?? '', /KVM on PVM/);
-  const hw = selectEngine('auto', { hardware: true, pvm: false, detail: 'real' });
+  const hw = selectEngine('auto', { kvm: true, hardware: true, pvm: false, detail: 'real' });
   t.deepEqual([hw.engine, hw.accel, hw.reason], ['qemu', 'kvm', undefined]);
 });
 

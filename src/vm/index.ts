@@ -9,7 +9,6 @@ export async function startMachine(config: VmConfig, selection: EngineSelection)
     case 'qemu':
       return startQemu(config, { accel: selection.accel });
     case 'native':
-      // selectEngine refuses 'native' until the native engine exists; reaching here is a bug.
-      throw new Error('native engine selected but not built');
+      return (await import('./native.js')).startNative(config);
   }
 }

@@ -1,0 +1,34 @@
+// Every guest-physical address and I/O port the native VMM uses, in one place.
+#pragma once
+#include <cstdint>
+
+namespace skiff::layout {
+
+// Low memory: the boot structures the VMM writes before the first instruction.
+constexpr uint64_t kGdt = 0x500;              // boot GDT: null, null, code 0x10, data 0x18
+constexpr uint64_t kPvhStartInfo = 0x6000;    // struct hvm_start_info
+constexpr uint64_t kPvhModlist = 0x6100;      // struct hvm_modlist_entry[1] (the initrd)
+constexpr uint64_t kPvhMemmap = 0x7000;       // struct hvm_memmap_table_entry[]
+constexpr uint64_t kPvhMemmapMax = 64;
+constexpr uint64_t kBootStack = 0x8ff0;
+constexpr uint64_t kCmdline = 0x20000;
+constexpr uint64_t kCmdlineMax = 4096;        // including the NUL; x86 Linux takes 2048
+
+// RAM: [0, kEbda) and [kHighMemory, ...) are usable; the legacy hole between is reserved.
+constexpr uint64_t kEbda = 0x9fc00;
+constexpr uint64_t kHighMemory = 0x100000;
+// RAM stops below the 32-bit MMIO hole and continues at 4 GiB.
+constexpr uint64_t kMmioHoleStart = 0xc0000000;
+constexpr uint64_t kMmioHoleEnd = 0x100000000;
+// The initrd goes as high as it fits below this (kernels read it through 32-bit fields).
+constexpr uint64_t kInitrdCeiling = kMmioHoleStart;
+
+constexpr uint64_t kPageSize = 0x1000;
+
+// I/O ports and interrupt lines.
+constexpr uint16_t kSerialPort = 0x3f8;       // COM1, 8 registers
+constexpr uint32_t kSerialIrq = 4;
+constexpr uint16_t kExitPort = 0xf4;          // skiff exit device: a 32-bit write ends the VM
+constexpr uint16_t kI8042CommandPort = 0x64;  // 0xfe written here resets the machine
+
+}  // namespace skiff::layout

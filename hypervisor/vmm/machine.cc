@@ -1,0 +1,163 @@
+#include "vmm/machine.h"
+
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+
+#include "vmm/boot.h"
+#include "vmm/layout.h"
+#include "vmm/memory.h"
+
+namespace skiff {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double msSince(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
+
+std::vector<uint8_t> readFile(const std::string& what, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw BootError("cannot read " + what + " " + path + ": " + std::strerror(errno));
+  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
+}
+
+bool isElf(const std::vector<uint8_t>& f) { return f.size() >= 4 && std::memcmp(f.data(), "\x7f" "ELF", 4) == 0; }
+
+std::string hex(uint64_t v) {
+  char buf[24];
+  snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+}  // namespace
+
+Machine::Machine(MachineConfig config, ConsoleOutput console) : config_(std::move(config)), console_(std::move(console)) {
+  // The UART exists from the start so that console input sent before boot is kept for the guest.
+  serial_ = std::make_unique<Serial>(console_, [this] {
+    if (Vm* vm = irqVm_.load(std::memory_order_acquire)) {
+      vm->setIrqLine(layout::kSerialIrq, true);
+      vm->setIrqLine(layout::kSerialIrq, false);
+    }
+  });
+}
+
+Machine::~Machine() = default;
+
+void Machine::requestStop(MachineResult::Kind kind, uint32_t status, const std::string& detail) {
+  {
+    std::lock_guard<std::mutex> lock(resultMu_);
+    if (!haveResult_) {  // the first ending wins: a kill after an exit does not change it
+      haveResult_ = true;
+      result_.kind = kind;
+      result_.status = status;
+      result_.detail = detail;
+    }
+  }
+  stopping_.store(true, std::memory_order_release);
+  std::lock_guard<std::mutex> lock(vcpusMu_);
+  for (auto& v : vcpus_) v->kick();
+}
+
+void Machine::kill() { requestStop(MachineResult::Kind::Killed, 0, "killed"); }
+
+void Machine::consoleInput(const uint8_t* data, size_t size) { serial_->input(data, size); }
+
+void Machine::portIo(uint16_t port, uint8_t* data, uint32_t size, bool write) {
+  if (port >= layout::kSerialPort && port < layout::kSerialPort + 8) {
+    // The UART's registers are bytes; a wider access touches consecutive registers.
+    for (uint32_t i = 0; i < size && port + i < layout::kSerialPort + 8; i++) {
+      uint16_t offset = static_cast<uint16_t>(port + i - layout::kSerialPort);
+      if (write) serial_->write(offset, data[i]);
+      else data[i] = serial_->read(offset);
+    }
+    return;
+  }
+  if (port == layout::kExitPort) {
+    if (write) {
+      uint32_t status = 0;
+      std::memcpy(&status, data, size < 4 ? size : 4);
+      requestStop(MachineResult::Kind::Exited, status, "");
+    } else {
+      std::memset(data, 0, size);
+    }
+    return;
+  }
+  if (port == layout::kI8042CommandPort) {
+    if (write && size == 1 && data[0] == 0xfe) requestStop(MachineResult::Kind::Reset, 0, "i8042 reset");
+    if (!write) std::memset(data, 0, size);  // status: no data, input buffer empty
+    return;
+  }
+  // Nothing here: reads float high, writes vanish, as on a real bus.
+  if (!write) std::memset(data, 0xff, size);
+}
+
+void Machine::mmio(uint64_t, uint8_t* data, uint32_t size, bool write) {
+  if (!write) std::memset(data, 0xff, size);
+}
+
+MachineResult Machine::boot() {
+  auto start = Clock::now();
+  if (config_.cpus != 1) throw BootError("the native engine runs 1 vCPU in this build (SMP is not implemented yet)");
+  std::vector<uint8_t> kernel = readFile("kernel", config_.kernelPath);
+  if (!isElf(kernel)) throw BootError("the native engine boots ELF vmlinux kernels through PVH in this build; bzImage boot is not implemented yet");
+  std::vector<uint8_t> initrd = config_.initrdPath.empty() ? std::vector<uint8_t>() : readFile("initrd", config_.initrdPath);
+
+  // The recipe: hypervisor, memory, kernel, initrd, boot info, devices, vCPU.
+  hypervisor_ = openHypervisor();
+  vm_ = hypervisor_->createVm(config_.cpus);
+  GuestMemory memory(config_.memoryBytes);
+  uint32_t slot = 0;
+  for (const auto& r : memory.regions()) vm_->mapMemory(slot++, r.gpa, r.host, r.size);
+  LoadedKernel loaded = loadPvhElf(kernel, memory);
+  InitrdPlacement placed = placeInitrd(initrd, memory, loaded.end);
+  BootCpuState cpu = writePvhBootInfo(memory, loaded, config_.cmdline, placed);
+  irqVm_.store(vm_.get(), std::memory_order_release);
+  Vcpu* vcpu;
+  {
+    std::lock_guard<std::mutex> lock(vcpusMu_);
+    vcpus_.push_back(vm_->createVcpu(0));
+    vcpu = vcpus_.back().get();
+  }
+  vcpu->setBootState(cpu);
+
+  double setupMs = msSince(start);
+  auto running = Clock::now();
+  VcpuStop stop = vcpu->run(*this);
+  double runMs = msSince(running);
+
+  std::lock_guard<std::mutex> lock(resultMu_);
+  if (!haveResult_) {
+    haveResult_ = true;
+    switch (stop.reason) {
+      case VcpuStop::Reason::Shutdown:
+        result_.kind = MachineResult::Kind::Shutdown;
+        result_.detail = stop.detail;
+        break;
+      case VcpuStop::Reason::Halt:
+        result_.kind = MachineResult::Kind::Error;
+        result_.detail = "the guest halted its only vCPU";
+        break;
+      default:
+        result_.kind = MachineResult::Kind::Error;
+        result_.detail = stop.detail + " at guest RIP " + hex(stop.rip);
+        break;
+    }
+    result_.rip = stop.rip;
+  }
+  result_.setupMs = setupMs;
+  result_.runMs = runMs;
+  return result_;
+}
+
+MachineResult Machine::run() {
+  try {
+    return boot();
+  } catch (const std::exception& e) {
+    MachineResult r;
+    r.kind = MachineResult::Kind::Error;
+    r.detail = e.what();
+    return r;
+  }
+}
+
+}  // namespace skiff

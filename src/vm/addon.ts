@@ -1,0 +1,40 @@
+// Loads skiff's native addon (hypervisor/) once.
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { packageRoot } from '../paths.js';
+
+export interface NativeResult {
+  kind: 'exited' | 'reset' | 'shutdown' | 'killed' | 'error';
+  status: number;
+  detail: string;
+  rip: bigint;
+  /** Host milliseconds from the config to the first KVM_RUN, and from there to the end. */
+  setupMs: number;
+  runMs: number;
+}
+
+export interface NativeMachineHandle {
+  start(onConsole: (chunk: Buffer) => void): Promise<NativeResult>;
+  input(chunk: Buffer): void;
+  kill(): void;
+}
+
+export interface Addon {
+  probe(): { backend: string | null; apiVersion: number; error: string | null };
+  Machine: new (config: { kernel: string; initrd?: string; cmdline: string; cpus: number; memoryMiB: number }) => NativeMachineHandle;
+}
+
+export class AddonError extends Error {}
+
+let loaded: Addon | undefined;
+
+export function loadAddon(): Addon {
+  if (loaded) return loaded;
+  const file = path.join(packageRoot(), 'build', 'Release', 'skiff_hypervisor.node');
+  try {
+    loaded = createRequire(import.meta.url)(file) as Addon;
+  } catch (err) {
+    throw new AddonError(`cannot load the native addon ${file} (build it with "npm run build:addon"): ${(err as Error).message.split('\n')[0]}`);
+  }
+  return loaded;
+}

@@ -1,0 +1,257 @@
+/*
+ * skiff test guest: PVH entry, switch to 64-bit long mode, exception stubs
+ * and the ring-3 payload.
+ *
+ * The VMM enters pvh_entry in 32-bit protected mode with paging off, flat
+ * segments, interrupts off and %ebx = guest-physical address of struct
+ * hvm_start_info (the Xen PVH boot ABI; see Linux arch/x86/platform/pvh/head.S).
+ * Nothing else is assumed: not the stack, not the GDT, not the selectors.
+ *
+ * This machine's KVM emulates ring-0 instructions one by one (slowly), so the
+ * page tables are built by the assembler, not by a loop at run time.
+ */
+
+#define PORT_EXIT	0xf4
+#define PORT_COM1	0x3f8
+
+#define SEL_KCODE	0x08	/* 64-bit kernel code */
+#define SEL_KDATA	0x10	/* kernel data */
+
+/* ------------------------------------------------------------------------ */
+/* The Xen note the VMM looks for: PHYS32_ENTRY (type 18), 4-byte value.     */
+
+	.section .note.Xen, "a", @note
+	.balign 4
+	.long 4			/* namesz: "Xen\0" */
+	.long 4			/* descsz */
+	.long 18		/* XEN_ELFNOTE_PHYS32_ENTRY */
+	.asciz "Xen"
+	.long pvh_entry
+
+/* ------------------------------------------------------------------------ */
+	.section .text.entry, "ax", @progbits
+	.code32
+	.globl pvh_entry
+pvh_entry:
+	/* Record the entry state before changing anything. The stack is
+	   ours (.bss); PVH promises none. pushfl is the only way to read
+	   EFLAGS, so point %esp at our stack first. */
+	movl	$boot_stack_top, %esp
+	pushfl
+	popl	%eax
+	movl	%eax, entry_eflags
+	movl	%ebx, entry_ebx
+	movl	%cr0, %eax
+	movl	%eax, entry_cr0
+	movl	%cr4, %eax
+	movl	%eax, entry_cr4
+	movw	%cs, entry_cs
+	movw	%ds, entry_ds
+	movw	%es, entry_es
+	movw	%ss, entry_ss
+
+	cld
+
+	/* Zero .bss (the ELF loader should have, but it costs one
+	   instruction to not depend on it). */
+	movl	$__bss_start, %edi
+	movl	$__bss_end, %ecx
+	subl	%edi, %ecx
+	shrl	$2, %ecx
+	xorl	%eax, %eax
+	rep stosl
+
+	/* Long mode supported? CPUID.80000001h:EDX bit 29. */
+	movl	$0x80000000, %eax
+	cpuid
+	cmpl	$0x80000001, %eax
+	jb	no_long_mode
+	movl	$0x80000001, %eax
+	cpuid
+	btl	$29, %edx
+	jnc	no_long_mode
+
+	lgdt	gdt_ptr
+
+	/* PAE on, page tables (built statically in .data), EFER.LME, paging. */
+	movl	%cr4, %eax
+	orl	$0x20, %eax			/* CR4.PAE */
+	movl	%eax, %cr4
+	movl	$pml4, %eax
+	movl	%eax, %cr3
+	movl	$0xc0000080, %ecx		/* EFER */
+	rdmsr
+	orl	$0x100, %eax			/* EFER.LME */
+	wrmsr
+	movl	%cr0, %eax
+	orl	$0x80000001, %eax		/* CR0.PG | CR0.PE */
+	movl	%eax, %cr0
+	ljmp	$SEL_KCODE, $long_mode_entry
+
+no_long_mode:
+	movl	$msg_no_long_mode, %esi
+1:	lodsb
+	testb	%al, %al
+	jz	2f
+	movb	%al, %bl
+	movw	$(PORT_COM1 + 5), %dx
+3:	inb	%dx, %al
+	testb	$0x20, %al
+	jz	3b
+	movw	$PORT_COM1, %dx
+	movb	%bl, %al
+	outb	%al, %dx
+	jmp	1b
+2:	movl	$4, %eax
+	movw	$PORT_EXIT, %dx
+	outl	%eax, %dx
+4:	cli
+	hlt
+	jmp	4b
+
+/* ------------------------------------------------------------------------ */
+	.code64
+long_mode_entry:
+	movl	$SEL_KDATA, %eax
+	movl	%eax, %ds
+	movl	%eax, %es
+	movl	%eax, %ss
+	movl	%eax, %fs
+	movl	%eax, %gs
+	movq	$boot_stack_top, %rsp
+	movl	entry_ebx, %edi			/* zero-extends: start_info paddr */
+	call	guest_main
+	/* guest_main does not return; if it did, stop here. */
+1:	cli
+	hlt
+	jmp	1b
+
+/*
+ * Exception stubs for vectors 0..31, each 16 bytes apart (exc_stubs + 16*n).
+ * Stubs for vectors without a CPU error code push a 0 so every frame looks
+ * the same: vector, error code, rip, cs, rflags, rsp, ss.
+ */
+	.balign 16
+	.globl exc_stubs
+exc_stubs:
+	vec = 0
+	.rept 32
+	.balign 16
+	.if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+	.else
+	pushq	$0
+	.endif
+	pushq	$vec
+	jmp	exc_common
+	vec = vec + 1
+	.endr
+
+exc_common:
+	/* The CPU aligned %rsp to 16 before pushing 5 (or 6) quadwords; with
+	   the two pushes above %rsp is 8 mod 16. Align for the C call. */
+	movq	%rsp, %rdi
+	andq	$-16, %rsp
+	call	exception_handler		/* does not return */
+1:	cli
+	hlt
+	jmp	1b
+
+/*
+ * enter_ring3(rip, rsp): iretq to ring 3 with interrupts off.
+ */
+	.globl enter_ring3
+enter_ring3:
+	pushq	$0x1b				/* SS: user data, RPL 3 */
+	pushq	%rsi				/* RSP */
+	pushq	$0x2				/* RFLAGS: IF=0, IOPL=0 */
+	pushq	$0x23				/* CS: user code, RPL 3 */
+	pushq	%rdi				/* RIP */
+	iretq
+
+/*
+ * Ring-3 payload: sum 1..10,000,000, store it in ring3_result, then ud2.
+ * The #UD (vector 6) enters ring 0 through the IDT and TSS.rsp0, where
+ * exception_handler checks it came from ring3_ud2 at CPL 3.
+ * Ring 3 cannot do port I/O on this machine, hence the round trip.
+ */
+	.section .text.user, "ax", @progbits
+	.globl ring3_entry, ring3_ud2
+ring3_entry:
+	xorl	%eax, %eax
+	movl	$1, %ecx
+1:	addq	%rcx, %rax
+	incq	%rcx
+	cmpq	$10000000, %rcx
+	jbe	1b
+	movq	%rax, ring3_result(%rip)
+ring3_ud2:
+	ud2
+	jmp	ring3_ud2
+
+/* ------------------------------------------------------------------------ */
+	.section .rodata
+msg_no_long_mode:
+	.asciz "guest: no long mode\n"
+
+	.data
+	.balign 8
+	.globl entry_eflags, entry_ebx, entry_cr0, entry_cr4
+	.globl entry_cs, entry_ds, entry_es, entry_ss
+entry_eflags:	.long 0
+entry_ebx:	.long 0
+entry_cr0:	.long 0
+entry_cr4:	.long 0
+entry_cs:	.word 0
+entry_ds:	.word 0
+entry_es:	.word 0
+entry_ss:	.word 0
+
+/*
+ * GDT. The TSS descriptor (slots 5-6) is filled in by C before ltr.
+ */
+	.balign 16
+	.globl gdt, gdt_ptr
+gdt:
+	.quad 0				/* 0x00 null */
+	.quad 0x00af9a000000ffff	/* 0x08 kernel code, 64-bit */
+	.quad 0x00cf92000000ffff	/* 0x10 kernel data */
+	.quad 0x00cff2000000ffff	/* 0x18 user data, DPL 3 */
+	.quad 0x00affa000000ffff	/* 0x20 user code, 64-bit, DPL 3 */
+	.quad 0, 0			/* 0x28 TSS (16 bytes) */
+gdt_end:
+	.balign 8
+	.word 0				/* so the base below is 8-aligned */
+gdt_ptr:
+	.word gdt_end - gdt - 1
+	.quad gdt			/* lgdt in 32-bit mode reads 4 bytes */
+
+/*
+ * Identity map of the first 4 GiB with 2 MiB pages, built by the assembler
+ * (no run-time loop). User bit set everywhere so ring 3 can run its code
+ * and stack in place; no SMEP/SMAP.
+ */
+	.balign 4096
+	.globl pml4
+pml4:
+	.quad pdpt + 0x7			/* P | RW | US */
+	.fill 511, 8, 0
+pdpt:
+	.quad pd + 0x0000 + 0x7
+	.quad pd + 0x1000 + 0x7
+	.quad pd + 0x2000 + 0x7
+	.quad pd + 0x3000 + 0x7
+	.fill 508, 8, 0
+pd:
+	addr = 0
+	.rept 2048
+	.quad addr + 0x87			/* P | RW | US | PS (2 MiB) */
+	addr = addr + 0x200000
+	.endr
+
+/* ------------------------------------------------------------------------ */
+	.bss
+	.balign 16
+boot_stack:
+	.skip 16384
+	.globl boot_stack_top
+boot_stack_top:
