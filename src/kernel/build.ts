@@ -70,8 +70,41 @@ async function readInputs(fragment: string): Promise<Inputs> {
   if (!(await exists(SOURCE_TARBALL))) {
     throw new KernelBuildError(`kernel source ${SOURCE_TARBALL} not found: install it with "apt-get install ${SOURCE_PACKAGE}"`);
   }
-  const [sourceVersion, compiler] = await Promise.all([sourcePackageVersion(), compilerVersion()]);
+  const { sourceVersion, compiler } = await probeToolchain();
   return { fragmentText, sourceVersion, compiler };
+}
+
+/**
+ * The source package version and the compiler's version line, as dpkg-query and gcc say. Asking
+ * them costs ~35 ms of process starts on every boot, so their answers are remembered under a key
+ * made of the tarball's and the compiler binary's size and mtime, which change when either does.
+ */
+async function probeToolchain(): Promise<{ sourceVersion: string; compiler: string }> {
+  const [tarball, gcc] = await Promise.all([fs.stat(SOURCE_TARBALL), findInPath('gcc')]);
+  const gccStat = gcc ? await fs.stat(gcc) : undefined;
+  const probeKey = sha256(`${tarball.size}:${tarball.mtimeMs}`, gcc ? `${gcc}:${gccStat!.size}:${gccStat!.mtimeMs}` : 'no-gcc').slice(0, 16);
+  const memo = path.join(cacheDir(), 'kernels', `toolchain-${probeKey}.json`);
+  try {
+    return JSON.parse(await fs.readFile(memo, 'utf8'));
+  } catch {
+    const [sourceVersion, compiler] = await Promise.all([sourcePackageVersion(), compilerVersion()]);
+    await atomicWrite(memo, JSON.stringify({ sourceVersion, compiler }));
+    return { sourceVersion, compiler };
+  }
+}
+
+async function findInPath(name: string): Promise<string | undefined> {
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    if (!dir) continue;
+    const candidate = path.join(dir, name);
+    try {
+      await fs.access(candidate, fs.constants.X_OK);
+      return await fs.realpath(candidate);
+    } catch {
+      // not here
+    }
+  }
+  return undefined;
 }
 
 async function sourcePackageVersion(): Promise<string> {

@@ -24,10 +24,14 @@ const HDR_VERSION_OFFSET = 0x206;
 const HDR_KERNEL_VERSION_OFFSET = 0x20e; // pointer to the version string, minus 0x200
 const BOOT_FLAG_OFFSET = 0x1fe; // 0xAA55
 
-export async function inspectKernel(file: string): Promise<KernelInfo> {
+/**
+ * With `version: false` only the parts that say how to boot the file are read (the ELF headers and
+ * notes, or the bzImage setup header), not the whole 20+ MiB: this is on every boot's path.
+ */
+export async function inspectKernel(file: string, options: { version?: boolean } = {}): Promise<KernelInfo> {
   let bytes: Buffer;
   try {
-    bytes = await fs.readFile(file);
+    bytes = options.version === false ? await readBootParts(file) : await fs.readFile(file);
   } catch (err) {
     throw new KernelFileError(`cannot read kernel ${file}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (err as Error).message}`);
   }
@@ -36,6 +40,47 @@ export async function inspectKernel(file: string): Promise<KernelInfo> {
     return inspectBzImage(file, bytes);
   }
   throw new KernelFileError(`${file} is not a Linux kernel (neither an ELF vmlinux nor a bzImage)`);
+}
+
+/** Program header types whose bytes the ELF reader looks at. */
+const PT_DYNAMIC = 2;
+const PT_INTERP = 3;
+const PT_NOTE = 4;
+const SETUP_HEADER_BYTES = 0x1000;
+
+/**
+ * The file's size in a zero-filled buffer, with only the headers and the note/interp/dynamic
+ * segments read in: the ELF reader's bounds checks see the real file size, and the pages never
+ * read stay untouched zero pages.
+ */
+async function readBootParts(file: string): Promise<Buffer> {
+  const fh = await fs.open(file, 'r');
+  try {
+    const { size } = await fh.stat();
+    const buf = Buffer.alloc(size);
+    const readRange = async (offset: number, length: number) => {
+      if (offset < 0 || length <= 0 || offset >= size) return;
+      await fh.read(buf, offset, Math.min(length, size - offset), offset);
+    };
+    await readRange(0, SETUP_HEADER_BYTES);
+    if (!buf.subarray(0, 4).equals(ELF_MAGIC) || size < 64) return buf;
+    const phoff = Number(buf.readBigUInt64LE(32));
+    const phentsize = buf.readUInt16LE(54);
+    const phnum = buf.readUInt16LE(56);
+    if (phentsize < 56 || !Number.isSafeInteger(phoff) || phoff + phentsize * phnum > size) return buf; // parseElf will say what is wrong
+    await readRange(phoff, phentsize * phnum);
+    for (let i = 0; i < phnum; i++) {
+      const at = phoff + i * phentsize;
+      const type = buf.readUInt32LE(at);
+      if (type !== PT_NOTE && type !== PT_INTERP && type !== PT_DYNAMIC) continue;
+      const offset = Number(buf.readBigUInt64LE(at + 8));
+      const filesz = Number(buf.readBigUInt64LE(at + 32));
+      if (Number.isSafeInteger(offset) && Number.isSafeInteger(filesz)) await readRange(offset, filesz);
+    }
+    return buf;
+  } finally {
+    await fh.close();
+  }
 }
 
 function inspectElf(file: string, bytes: Buffer): KernelInfo {

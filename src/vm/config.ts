@@ -98,7 +98,7 @@ export async function makeVmConfig(input: VmConfigInput): Promise<VmConfig> {
   const kernelPath = await checkReadable('kernel', input.kernel);
   let kernel: KernelInfo;
   try {
-    kernel = await inspectKernel(kernelPath);
+    kernel = await inspectKernel(kernelPath, { version: false });
   } catch (err) {
     throw new VmConfigError((err as Error).message);
   }
