@@ -18,7 +18,7 @@ test('the command line carries skiff settings, then user text, then the command'
 });
 
 test('a command line over the kernel limit is a clear error', (t) => {
-  t.throws(() => buildCmdline({ command: ['echo', 'x'.repeat(1100)] }), { instanceOf: VmConfigError, message: /kernel command line is \d+ bytes, the limit is 2047/ });
+  t.throws(() => buildCmdline({ command: ['echo', 'x'.repeat(1100)] }), { instanceOf: VmConfigError, message: /kernel command line is \d+ bytes, the limit is 1791/ });
 });
 
 async function tempFile(name: string, content: Uint8Array | string): Promise<string> {

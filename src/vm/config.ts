@@ -11,6 +11,8 @@ export const LIMITS = {
   timeoutSec: { min: 0.1, max: 7 * 24 * 3600 },
   /** x86 COMMAND_LINE_SIZE, including the terminating NUL. */
   cmdlineBytes: 2048,
+  /** Kept free for what an engine appends (QEMU: virtio_mmio.device=..., TCG timer settings). */
+  engineCmdlineReserve: 256,
 } as const;
 
 export const DEFAULTS = { cpus: 1, memoryMiB: 256 } as const;
@@ -75,8 +77,9 @@ export function buildCmdline(input: Pick<VmConfigInput, 'cmdline' | 'command' | 
   if (input.cmdline?.trim()) parts.push(input.cmdline.trim());
   if (input.command) parts.push(`skiff.cmd=${encodeCommand(input.command)}`);
   const cmdline = parts.join(' ');
-  if (Buffer.byteLength(cmdline) + 1 > LIMITS.cmdlineBytes) {
-    throw new VmConfigError(`kernel command line is ${Buffer.byteLength(cmdline)} bytes, the limit is ${LIMITS.cmdlineBytes - 1}: shorten the command or --cmdline`);
+  const limit = LIMITS.cmdlineBytes - LIMITS.engineCmdlineReserve - 1;
+  if (Buffer.byteLength(cmdline) > limit) {
+    throw new VmConfigError(`kernel command line is ${Buffer.byteLength(cmdline)} bytes, the limit is ${limit}: shorten the command or --cmdline`);
   }
   return cmdline;
 }
