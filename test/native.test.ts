@@ -114,15 +114,6 @@ test('kill() ends a running machine', async (t) => {
   t.deepEqual(await machine.wait(), { kind: 'killed' });
 });
 
-test('a bzImage is refused by the native engine in one line (not implemented yet)', async (t) => {
-  const { cachedKernel } = await import('../src/kernel/build.js');
-  const kernel = await cachedKernel();
-  if (!kernel) return t.fail('kernel not built');
-  const r = await skiff(['boot', '--engine', 'native', '--kernel', kernel.bzImage, '--', 'true']);
-  t.is(r.code, 125);
-  t.is(r.stderr.split('\n').filter(Boolean).pop(), 'skiff: native engine: the native engine boots ELF vmlinux kernels through PVH in this build; bzImage boot is not implemented yet');
-});
-
 test('guest memory too small for the kernel and initrd: one-line error', async (t) => {
   // skiff's vmlinux loads at 16 MiB; with the default initrd it cannot fit in 32 MiB of RAM.
   const { cachedKernel } = await import('../src/kernel/build.js');

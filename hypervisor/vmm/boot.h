@@ -29,11 +29,35 @@ struct InitrdPlacement {
   uint64_t size = 0;
 };
 
-// Copies the initrd as high as it fits below the initrd ceiling and above the kernel.
-InitrdPlacement placeInitrd(const std::vector<uint8_t>& initrd, const GuestMemory& mem, uint64_t kernelEnd);
+// Copies the initrd as high as it fits below `ceiling` (and layout's), above the kernel.
+InitrdPlacement placeInitrd(const std::vector<uint8_t>& initrd, const GuestMemory& mem, uint64_t kernelEnd, uint64_t ceiling = UINT64_MAX);
 
 // Writes the GDT, command line, memory map, module list and hvm_start_info; returns the vCPU's
 // starting state for the PVH entry.
 BootCpuState writePvhBootInfo(const GuestMemory& mem, const LoadedKernel& kernel, const std::string& cmdline, const InitrdPlacement& initrd);
+
+// The Linux x86 boot protocol, 64-bit entry: a bzImage's protected-mode part copied to its load
+// address; the setup header kept for the zero page.
+struct LoadedBzImage {
+  LoadedKernel kernel;               // entry: the 64-bit entry (load address + 0x200)
+  std::vector<uint8_t> setupHeader;  // file bytes [0x1f1, header end)
+  uint64_t initrdCeiling = 0;        // from initrd_addr_max
+};
+LoadedBzImage loadBzImage(const std::vector<uint8_t>& file, const GuestMemory& mem);
+
+// Writes the GDT, identity page tables, command line and boot_params (zero page); returns the
+// vCPU's starting state: long mode at the 64-bit entry with %rsi = the zero page.
+BootCpuState writeBzImageBootInfo(const GuestMemory& mem, const LoadedBzImage& image, const std::string& cmdline, const InitrdPlacement& initrd);
+
+// Shared by the formats.
+constexpr uint32_t kE820Ram = 1;
+constexpr uint32_t kE820Reserved = 2;
+struct RamRange {
+  uint64_t addr, size;
+  uint32_t type;
+};
+std::vector<RamRange> ramMap(const GuestMemory& mem);
+void writeCmdline(const GuestMemory& mem, const std::string& cmdline);
+BootCpuState bootGdtState(const GuestMemory& mem, BootCpuState::Mode mode);
 
 }  // namespace skiff

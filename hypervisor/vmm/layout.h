@@ -6,11 +6,17 @@ namespace skiff::layout {
 
 // Low memory: the boot structures the VMM writes before the first instruction.
 constexpr uint64_t kGdt = 0x500;              // boot GDT: null, null, code 0x10, data 0x18
+constexpr uint64_t kZeroPage = 0x3000;        // bzImage: struct boot_params (4 KiB)
 constexpr uint64_t kPvhStartInfo = 0x6000;    // struct hvm_start_info
 constexpr uint64_t kPvhModlist = 0x6100;      // struct hvm_modlist_entry[1] (the initrd)
 constexpr uint64_t kPvhMemmap = 0x7000;       // struct hvm_memmap_table_entry[]
 constexpr uint64_t kPvhMemmapMax = 64;
-constexpr uint64_t kBootStack = 0x8ff0;
+constexpr uint64_t kBootStack = 0x8ff0;      // grows down towards 0x8000
+// bzImage: identity map of the first 4 GiB with 2 MiB pages: PML4, PDPT, then 4 page directories.
+constexpr uint64_t kPml4 = 0x9000;
+constexpr uint64_t kPdpt = 0xa000;
+constexpr uint64_t kPageDirs = 0xb000;        // 4 pages, up to 0xefff
+constexpr uint64_t kIdentityMapBytes = 4ull << 30;
 constexpr uint64_t kCmdline = 0x20000;
 constexpr uint64_t kCmdlineMax = 4096;        // including the NUL; x86 Linux takes 2048
 

@@ -99,18 +99,23 @@ MachineResult Machine::boot() {
   auto start = Clock::now();
   if (config_.cpus != 1) throw BootError("the native engine runs 1 vCPU in this build (SMP is not implemented yet)");
   std::vector<uint8_t> kernel = readFile("kernel", config_.kernelPath);
-  if (!isElf(kernel)) throw BootError("the native engine boots ELF vmlinux kernels through PVH in this build; bzImage boot is not implemented yet");
   std::vector<uint8_t> initrd = config_.initrdPath.empty() ? std::vector<uint8_t>() : readFile("initrd", config_.initrdPath);
 
-  // The recipe: hypervisor, memory, kernel, initrd, boot info, devices, vCPU.
+  // The recipe: hypervisor, memory, kernel (PVH for an ELF vmlinux, else the 64-bit boot
+  // protocol for a bzImage), initrd, boot info, vCPU.
   hypervisor_ = openHypervisor();
   vm_ = hypervisor_->createVm(config_.cpus);
   GuestMemory memory(config_.memoryBytes);
   uint32_t slot = 0;
   for (const auto& r : memory.regions()) vm_->mapMemory(slot++, r.gpa, r.host, r.size);
-  LoadedKernel loaded = loadPvhElf(kernel, memory);
-  InitrdPlacement placed = placeInitrd(initrd, memory, loaded.end);
-  BootCpuState cpu = writePvhBootInfo(memory, loaded, config_.cmdline, placed);
+  BootCpuState cpu;
+  if (isElf(kernel)) {
+    LoadedKernel loaded = loadPvhElf(kernel, memory);
+    cpu = writePvhBootInfo(memory, loaded, config_.cmdline, placeInitrd(initrd, memory, loaded.end));
+  } else {
+    LoadedBzImage image = loadBzImage(kernel, memory);
+    cpu = writeBzImageBootInfo(memory, image, config_.cmdline, placeInitrd(initrd, memory, image.kernel.end, image.initrdCeiling));
+  }
   irqVm_.store(vm_.get(), std::memory_order_release);
   Vcpu* vcpu;
   {

@@ -78,11 +78,6 @@ struct HvmMemmapEntry {
 };
 static_assert(sizeof(HvmStartInfo) == 56 && sizeof(HvmModlistEntry) == 32 && sizeof(HvmMemmapEntry) == 24, "PVH ABI layout");
 
-constexpr uint32_t kE820Ram = 1;
-constexpr uint32_t kE820Reserved = 2;
-
-uint64_t lowMemoryEnd(const GuestMemory& mem) { return mem.regions().front().size; }
-
 }  // namespace
 
 LoadedKernel loadPvhElf(const std::vector<uint8_t>& f, const GuestMemory& mem) {
@@ -106,33 +101,11 @@ LoadedKernel loadPvhElf(const std::vector<uint8_t>& f, const GuestMemory& mem) {
   return k;
 }
 
-InitrdPlacement placeInitrd(const std::vector<uint8_t>& initrd, const GuestMemory& mem, uint64_t kernelEnd) {
-  InitrdPlacement place{0, initrd.size()};
-  if (initrd.empty()) return place;
-  uint64_t top = std::min(lowMemoryEnd(mem), layout::kInitrdCeiling);
-  uint64_t floor = (kernelEnd + layout::kPageSize - 1) & ~(layout::kPageSize - 1);
-  if (initrd.size() > top || ((top - initrd.size()) & ~(layout::kPageSize - 1)) < floor) {
-    throw BootError("initrd (" + std::to_string(initrd.size() >> 10) + " KiB) does not fit in guest memory above the kernel; give more memory");
-  }
-  place.gpa = (top - initrd.size()) & ~(layout::kPageSize - 1);
-  mem.write(place.gpa, initrd.data(), initrd.size());
-  return place;
-}
-
 BootCpuState writePvhBootInfo(const GuestMemory& mem, const LoadedKernel& kernel, const std::string& cmdline, const InitrdPlacement& initrd) {
-  if (cmdline.size() + 1 > layout::kCmdlineMax) throw BootError("kernel command line is longer than " + std::to_string(layout::kCmdlineMax - 1) + " bytes");
-  // Flat 32-bit code and data segments at the selectors the CPU state uses (0x10, 0x18).
-  const uint64_t gdt[4] = {0, 0, 0x00cf9b000000ffffULL, 0x00cf93000000ffffULL};
-  bool ok = mem.write(layout::kGdt, gdt, sizeof gdt);
-  ok = ok && mem.write(layout::kCmdline, cmdline.c_str(), cmdline.size() + 1);
-
+  writeCmdline(mem, cmdline);
   std::vector<HvmMemmapEntry> map;
-  uint64_t low = lowMemoryEnd(mem);
-  map.push_back({0, layout::kEbda, kE820Ram, 0});
-  map.push_back({layout::kEbda, layout::kHighMemory - layout::kEbda, kE820Reserved, 0});
-  map.push_back({layout::kHighMemory, low - layout::kHighMemory, kE820Ram, 0});
-  for (size_t i = 1; i < mem.regions().size(); i++) map.push_back({mem.regions()[i].gpa, mem.regions()[i].size, kE820Ram, 0});
-  ok = ok && mem.write(layout::kPvhMemmap, map.data(), map.size() * sizeof(HvmMemmapEntry));
+  for (const RamRange& r : ramMap(mem)) map.push_back({r.addr, r.size, r.type, 0});
+  bool ok = mem.write(layout::kPvhMemmap, map.data(), map.size() * sizeof(HvmMemmapEntry));
 
   HvmStartInfo info{};
   info.magic = kPvhMagic;
@@ -149,13 +122,9 @@ BootCpuState writePvhBootInfo(const GuestMemory& mem, const LoadedKernel& kernel
   ok = ok && mem.put(layout::kPvhStartInfo, info);
   if (!ok) throw BootError("guest memory too small for the boot structures");
 
-  BootCpuState state;
-  state.mode = BootCpuState::Mode::Flat32;
+  BootCpuState state = bootGdtState(mem, BootCpuState::Mode::Flat32);
   state.rip = kernel.entry;
   state.rbx = layout::kPvhStartInfo;
-  state.rsp = layout::kBootStack;
-  state.gdtBase = layout::kGdt;
-  state.gdtLimit = sizeof gdt - 1;
   return state;
 }
 
