@@ -2,6 +2,7 @@
 // from the file is checked against the file and against guest memory before it is used.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -50,6 +51,14 @@ LoadedBzImage loadBzImage(const std::vector<uint8_t>& file, const GuestMemory& m
 BootCpuState writeBzImageBootInfo(const GuestMemory& mem, const LoadedBzImage& image, const std::string& cmdline, const InitrdPlacement& initrd);
 
 // Shared by the formats.
+// A little-endian field of a kernel file; the caller has checked off + sizeof(T) <= f.size().
+template <typename T>
+T fileField(const std::vector<uint8_t>& f, size_t off) {
+  T v;
+  std::memcpy(&v, f.data() + off, sizeof v);
+  return v;
+}
+
 constexpr uint32_t kE820Ram = 1;
 constexpr uint32_t kE820Reserved = 2;
 struct RamRange {

@@ -39,13 +39,6 @@ constexpr uint64_t kEntry64Offset = 0x200;
 constexpr uint64_t kDefaultLoad = 0x100000;
 
 template <typename T>
-T get(const std::vector<uint8_t>& f, size_t off) {
-  T v;
-  std::memcpy(&v, f.data() + off, sizeof v);
-  return v;
-}
-
-template <typename T>
 void set(uint8_t* page, size_t off, T v) {
   std::memcpy(page + off, &v, sizeof v);
 }
@@ -53,10 +46,10 @@ void set(uint8_t* page, size_t off, T v) {
 }  // namespace
 
 LoadedBzImage loadBzImage(const std::vector<uint8_t>& f, const GuestMemory& mem) {
-  if (f.size() < kHeaderLimit || get<uint16_t>(f, kBootFlag) != 0xaa55 || std::memcmp(f.data() + kHeaderMagic, "HdrS", 4) != 0) {
+  if (f.size() < kHeaderLimit || fileField<uint16_t>(f, kBootFlag) != 0xaa55 || std::memcmp(f.data() + kHeaderMagic, "HdrS", 4) != 0) {
     throw BootError("kernel is not a bzImage (no Linux boot protocol header)");
   }
-  uint16_t version = get<uint16_t>(f, kVersion);
+  uint16_t version = fileField<uint16_t>(f, kVersion);
   if (version < kMinVersion) throw BootError("bzImage boot protocol " + std::to_string(version >> 8) + "." + std::to_string(version & 0xff) + " is older than 2.12: no 64-bit entry");
   if (!(f[kXloadflags] & kXlfKernel64)) throw BootError("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)");
 
@@ -67,8 +60,8 @@ LoadedBzImage loadBzImage(const std::vector<uint8_t>& f, const GuestMemory& mem)
 
   // A relocatable kernel says where it likes to be; a fixed one runs at 1 MiB.
   uint64_t load = kDefaultLoad;
-  if (f[kRelocatable] && get<uint64_t>(f, kPrefAddress) >= layout::kHighMemory) load = get<uint64_t>(f, kPrefAddress);
-  uint64_t need = std::max<uint64_t>(payload, get<uint32_t>(f, kInitSize));
+  if (f[kRelocatable] && fileField<uint64_t>(f, kPrefAddress) >= layout::kHighMemory) load = fileField<uint64_t>(f, kPrefAddress);
+  uint64_t need = std::max<uint64_t>(payload, fileField<uint32_t>(f, kInitSize));
   uint8_t* dst = mem.at(load, need);
   if (!dst) throw BootError("bzImage needs " + std::to_string(need >> 10) + " KiB at " + std::to_string(load >> 20) + " MiB: it does not fit in guest memory; give more memory");
   std::memcpy(dst, f.data() + setupBytes, payload);
@@ -79,7 +72,7 @@ LoadedBzImage loadBzImage(const std::vector<uint8_t>& f, const GuestMemory& mem)
   // The header runs from 0x1f1 to the jump's target; never past struct setup_header's end.
   size_t headerEnd = std::min<size_t>(kJump + 2 + f[kJump + 1], kHeaderLimit);
   image.setupHeader.assign(f.begin() + kSetupSects, f.begin() + headerEnd);
-  uint32_t initrdMax = get<uint32_t>(f, kInitrdAddrMax);
+  uint32_t initrdMax = fileField<uint32_t>(f, kInitrdAddrMax);
   image.initrdCeiling = initrdMax ? uint64_t(initrdMax) + 1 : UINT64_MAX;
   return image;
 }

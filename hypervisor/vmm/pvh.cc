@@ -14,13 +14,6 @@ constexpr uint32_t kPtNote = 4;
 constexpr uint32_t kXenElfNotePhys32Entry = 18;
 constexpr uint32_t kPvhMagic = 0x336ec578;
 
-template <typename T>
-T field(const std::vector<uint8_t>& f, uint64_t off) {
-  T v;
-  std::memcpy(&v, f.data() + off, sizeof v);
-  return v;
-}
-
 // True if [off, off+len) lies inside a buffer of `size` bytes, without overflow.
 bool inside(uint64_t size, uint64_t off, uint64_t len) { return off <= size && len <= size - off; }
 
@@ -32,14 +25,14 @@ struct Phdr {
 std::vector<Phdr> programHeaders(const std::vector<uint8_t>& f) {
   if (f.size() < 64 || std::memcmp(f.data(), "\x7f" "ELF", 4) != 0) throw BootError("kernel is not an ELF file");
   if (f[4] != 2 || f[5] != 1) throw BootError("kernel is not a little-endian ELF64 file");
-  if (field<uint16_t>(f, 18) != 62) throw BootError("kernel ELF is not for x86-64");
-  uint64_t phoff = field<uint64_t>(f, 32);
-  uint16_t phentsize = field<uint16_t>(f, 54), phnum = field<uint16_t>(f, 56);
+  if (fileField<uint16_t>(f, 18) != 62) throw BootError("kernel ELF is not for x86-64");
+  uint64_t phoff = fileField<uint64_t>(f, 32);
+  uint16_t phentsize = fileField<uint16_t>(f, 54), phnum = fileField<uint16_t>(f, 56);
   if (phentsize < 56 || !inside(f.size(), phoff, uint64_t(phentsize) * phnum)) throw BootError("kernel ELF program headers lie outside the file");
   std::vector<Phdr> out;
   for (uint16_t i = 0; i < phnum; i++) {
     uint64_t at = phoff + uint64_t(i) * phentsize;
-    Phdr p{field<uint32_t>(f, at), field<uint64_t>(f, at + 8), field<uint64_t>(f, at + 24), field<uint64_t>(f, at + 32), field<uint64_t>(f, at + 40), field<uint64_t>(f, at + 48)};
+    Phdr p{fileField<uint32_t>(f, at), fileField<uint64_t>(f, at + 8), fileField<uint64_t>(f, at + 24), fileField<uint64_t>(f, at + 32), fileField<uint64_t>(f, at + 40), fileField<uint64_t>(f, at + 48)};
     if (!inside(f.size(), p.offset, p.filesz)) throw BootError("kernel ELF segment " + std::to_string(i) + " lies outside the file");
     out.push_back(p);
   }
@@ -51,12 +44,12 @@ uint64_t pvhEntryIn(const std::vector<uint8_t>& f, const Phdr& note) {
   uint64_t pos = note.offset, end = note.offset + note.filesz;
   auto align4 = [](uint64_t v) { return (v + 3) & ~uint64_t(3); };
   while (end - pos >= 12) {
-    uint32_t namesz = field<uint32_t>(f, pos), descsz = field<uint32_t>(f, pos + 4), type = field<uint32_t>(f, pos + 8);
+    uint32_t namesz = fileField<uint32_t>(f, pos), descsz = fileField<uint32_t>(f, pos + 4), type = fileField<uint32_t>(f, pos + 8);
     uint64_t name = pos + 12, desc = name + align4(namesz);
     if (!inside(end, name, align4(namesz)) || !inside(end, desc, descsz)) return 0;
     if (namesz == 4 && std::memcmp(f.data() + name, "Xen", 4) == 0 && type == kXenElfNotePhys32Entry) {
-      if (descsz == 4) return field<uint32_t>(f, desc);
-      if (descsz == 8) return field<uint64_t>(f, desc);
+      if (descsz == 4) return fileField<uint32_t>(f, desc);
+      if (descsz == 8) return fileField<uint64_t>(f, desc);
       throw BootError("kernel PVH entry note has a " + std::to_string(descsz) + "-byte value");
     }
     pos = desc + align4(descsz);
