@@ -50,6 +50,11 @@ LoadedBzImage loadBzImage(const std::vector<uint8_t>& file, const GuestMemory& m
 // vCPU's starting state: long mode at the 64-bit entry with %rsi = the zero page.
 BootCpuState writeBzImageBootInfo(const GuestMemory& mem, const LoadedBzImage& image, const std::string& cmdline, const InitrdPlacement& initrd);
 
+// Writes an Intel MP table (spec 1.4) describing `cpus` processors (APIC ids 0..cpus-1, 0 the
+// bootstrap processor), the IO-APIC and ISA interrupt routing, so the guest can find and start
+// its vCPUs without ACPI.
+void writeMpTable(const GuestMemory& mem, uint32_t cpus);
+
 // Shared by the formats.
 // A little-endian field of a kernel file; the caller has checked off + sizeof(T) <= f.size().
 template <typename T>

@@ -20,6 +20,14 @@ constexpr uint64_t kIdentityMapBytes = 4ull << 30;
 constexpr uint64_t kCmdline = 0x20000;
 constexpr uint64_t kCmdlineMax = 4096;        // including the NUL; x86 Linux takes 2048
 
+// Intel MP table (floating pointer, then the configuration table) where Linux scans for it:
+// the BIOS area 0xf0000-0xfffff, inside the reserved legacy hole.
+constexpr uint64_t kMpTable = 0xf0000;
+constexpr uint64_t kMpTableMax = 0x10000;
+constexpr uint64_t kLocalApic = 0xfee00000;
+constexpr uint64_t kIoApic = 0xfec00000;
+constexpr uint32_t kIoApicPins = 24;
+
 // RAM: [0, kEbda) and [kHighMemory, ...) are usable; the legacy hole between is reserved.
 constexpr uint64_t kEbda = 0x9fc00;
 constexpr uint64_t kHighMemory = 0x100000;

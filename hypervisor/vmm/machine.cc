@@ -4,6 +4,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <thread>
 
 #include "vmm/boot.h"
 #include "vmm/layout.h"
@@ -43,7 +44,7 @@ Machine::Machine(MachineConfig config, ConsoleOutput console) : config_(std::mov
 
 Machine::~Machine() = default;
 
-void Machine::requestStop(MachineResult::Kind kind, uint32_t status, const std::string& detail) {
+void Machine::requestStop(MachineResult::Kind kind, uint32_t status, const std::string& detail, uint64_t rip) {
   {
     std::lock_guard<std::mutex> lock(resultMu_);
     if (!haveResult_) {  // the first ending wins: a kill after an exit does not change it
@@ -51,6 +52,7 @@ void Machine::requestStop(MachineResult::Kind kind, uint32_t status, const std::
       result_.kind = kind;
       result_.status = status;
       result_.detail = detail;
+      result_.rip = rip;
     }
   }
   stopping_.store(true, std::memory_order_release);
@@ -97,7 +99,6 @@ void Machine::mmio(uint64_t, uint8_t* data, uint32_t size, bool write) {
 
 MachineResult Machine::boot() {
   auto start = Clock::now();
-  if (config_.cpus != 1) throw BootError("the native engine runs 1 vCPU in this build (SMP is not implemented yet)");
   std::vector<uint8_t> kernel = readFile("kernel", config_.kernelPath);
   std::vector<uint8_t> initrd = config_.initrdPath.empty() ? std::vector<uint8_t>() : readFile("initrd", config_.initrdPath);
 
@@ -117,41 +118,58 @@ MachineResult Machine::boot() {
     cpu = writeBzImageBootInfo(memory, image, config_.cmdline, placeInitrd(initrd, memory, image.kernel.end, image.initrdCeiling));
   }
   irqVm_.store(vm_.get(), std::memory_order_release);
-  Vcpu* vcpu;
+  writeMpTable(memory, config_.cpus);
   {
     std::lock_guard<std::mutex> lock(vcpusMu_);
-    vcpus_.push_back(vm_->createVcpu(0));
-    vcpu = vcpus_.back().get();
+    for (uint32_t id = 0; id < config_.cpus; id++) vcpus_.push_back(vm_->createVcpu(id));
   }
-  vcpu->setBootState(cpu);
+  vcpus_[0]->setBootState(cpu);
 
   double setupMs = msSince(start);
   auto running = Clock::now();
-  VcpuStop stop = vcpu->run(*this);
-  double runMs = msSince(running);
+  // Application processors wait inside KVM (in-kernel LAPIC) until the guest sends them
+  // INIT/SIPI; each runs on its own thread. The bootstrap processor runs on this one.
+  std::vector<std::thread> aps;
+  for (uint32_t id = 1; id < config_.cpus; id++) {
+    Vcpu* ap = vcpus_[id].get();
+    aps.emplace_back([this, ap] { onVcpuStop(runVcpu(*ap)); });
+  }
+  onVcpuStop(runVcpu(*vcpus_[0]));
+  for (auto& t : aps) t.join();
 
   std::lock_guard<std::mutex> lock(resultMu_);
-  if (!haveResult_) {
-    haveResult_ = true;
-    switch (stop.reason) {
-      case VcpuStop::Reason::Shutdown:
-        result_.kind = MachineResult::Kind::Shutdown;
-        result_.detail = stop.detail;
-        break;
-      case VcpuStop::Reason::Halt:
-        result_.kind = MachineResult::Kind::Error;
-        result_.detail = "the guest halted its only vCPU";
-        break;
-      default:
-        result_.kind = MachineResult::Kind::Error;
-        result_.detail = stop.detail + " at guest RIP " + hex(stop.rip);
-        break;
-    }
-    result_.rip = stop.rip;
-  }
   result_.setupMs = setupMs;
-  result_.runMs = runMs;
+  result_.runMs = msSince(running);
   return result_;
+}
+
+// A failing backend call on a vCPU thread must end the machine, not the process.
+VcpuStop Machine::runVcpu(Vcpu& vcpu) {
+  try {
+    return vcpu.run(*this);
+  } catch (const std::exception& e) {
+    return VcpuStop{VcpuStop::Reason::InternalError, 0, e.what()};
+  }
+}
+
+// The first vCPU to end the machine decides the result; the others are then kicked out.
+void Machine::onVcpuStop(const VcpuStop& stop) {
+  if (stop.reason == VcpuStop::Reason::Requested) return;  // someone else ended it
+  MachineResult::Kind kind = MachineResult::Kind::Error;
+  std::string detail;
+  switch (stop.reason) {
+    case VcpuStop::Reason::Shutdown:
+      kind = MachineResult::Kind::Shutdown;
+      detail = stop.detail;
+      break;
+    case VcpuStop::Reason::Halt:
+      detail = "a vCPU halted with nothing to wake it";
+      break;
+    default:
+      detail = stop.detail + " at guest RIP " + hex(stop.rip);
+      break;
+  }
+  requestStop(kind, 0, detail, stop.rip);
 }
 
 MachineResult Machine::run() {

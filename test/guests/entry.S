@@ -7,6 +7,10 @@
  * hvm_start_info (the Xen PVH boot ABI; see Linux arch/x86/platform/pvh/head.S).
  * Nothing else is assumed: not the stack, not the GDT, not the selectors.
  *
+ * The bzImage build (bzimage.S, bzimage.ld) links this file too, without
+ * .text.entry and the Xen note: it enters at its own 64-bit entry and reuses
+ * the GDT, page tables, stack, exception stubs and ring-3 payload below.
+ *
  * This machine's KVM emulates ring-0 instructions one by one (slowly), so the
  * page tables are built by the assembler, not by a loop at run time.
  */
@@ -120,6 +124,7 @@ long_mode_entry:
 	movl	%eax, %gs
 	movq	$boot_stack_top, %rsp
 	movl	entry_ebx, %edi			/* zero-extends: start_info paddr */
+	xorl	%esi, %esi			/* boot_mode: BOOT_PVH (guest.c) */
 	call	guest_main
 	/* guest_main does not return; if it did, stop here. */
 1:	cli
@@ -205,6 +210,19 @@ entry_cs:	.word 0
 entry_ds:	.word 0
 entry_es:	.word 0
 entry_ss:	.word 0
+
+/* The bzImage build's 64-bit entry state (bzimage.S writes these before it
+   zeroes .bss, so they live here in .data). Unused in the PVH build. */
+	.balign 8
+	.globl entry64_cr0, entry64_cr4, entry64_efer, entry64_rsi
+	.globl entry64_cs, entry64_ds, entry64_ss
+entry64_cr0:	.quad 0
+entry64_cr4:	.quad 0
+entry64_efer:	.quad 0
+entry64_rsi:	.quad 0
+entry64_cs:	.word 0
+entry64_ds:	.word 0
+entry64_ss:	.word 0
 
 /*
  * GDT. The TSS descriptor (slots 5-6) is filled in by C before ltr.
