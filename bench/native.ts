@@ -2,7 +2,10 @@
 // guest instruction → exit, on the smallest guest (the test-guest kit's exit=0), 20 VMs one after
 // another; then 20 at once. Reports the addon's own split (setup: config → first KVM_RUN; run:
 // first KVM_RUN → exit), the whole Promise round trip, and RSS growth.
-// Usage: node dist/bench/native.js [--runs N]
+// Then whole processes, interleaved: `skiff boot --engine native` on the same guest, QEMU microvm
+// with KVM on the same guest, and `node -e 0` as Node's own floor.
+// Usage: node dist/bench/native.js [--runs N] [--process-runs N]
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { packageRoot } from '../src/paths.js';
@@ -24,7 +27,7 @@ async function once(addon: ReturnType<typeof loadAddon>, kernel: string): Promis
 }
 
 async function main() {
-  const { values } = parseArgs({ options: { runs: { type: 'string', default: '20' } } });
+  const { values } = parseArgs({ options: { runs: { type: 'string', default: '20' }, 'process-runs': { type: 'string', default: '15' } } });
   const runs = Number(values.runs);
   const kernel = path.join(packageRoot(), 'test', 'guests', 'out', 'skiff-test-guest.elf');
   const addon = loadAddon();
@@ -45,6 +48,38 @@ async function main() {
   console.log(row('whole: new Machine → Promise resolved', serial.map((s) => s.totalMs)));
   console.log(`\n${runs} VMs at once: ${parallelMs.toFixed(1)} ms in all.`);
   console.log(`RSS: ${rss0.toFixed(1)} MiB before, ${rss1.toFixed(1)} MiB after ${runs} sequential VMs (${(rss1 - rss0).toFixed(1)} MiB growth), ${rss2.toFixed(1)} MiB after ${runs} at once.`);
+  await wholeProcesses(kernel, Number(values['process-runs']));
+}
+
+async function wholeProcesses(kernel: string, runs: number): Promise<void> {
+  const cli = path.join(packageRoot(), 'dist', 'cli', 'main.js');
+  // QEMU's exit code for isa-debug-exit status 0 is 1. Default CPU model: `-cpu host` fails to set
+  // an MSR under KVM on PVM.
+  const qemu = ['-M', 'microvm,acpi=off', '-accel', 'kvm', '-nodefaults', '-no-user-config', '-nographic', '-serial', 'stdio', '-no-reboot', '-m', '32M', '-kernel', kernel, '-append', 'skiff.test=exit=0', '-device', 'isa-debug-exit,iobase=0xf4,iosize=4'];
+  const subjects: [string, string, string[], number][] = [
+    ['node -e 0', process.execPath, ['-e', '0'], 0],
+    ['skiff boot --engine native (whole CLI process)', process.execPath, [cli, 'boot', '--engine', 'native', '--memory', '32', '--kernel', kernel, '--cmdline', 'skiff.test=exit=0'], 0],
+    ['qemu-system-x86_64 -M microvm -accel kvm (whole process)', 'qemu-system-x86_64', qemu, 1],
+  ];
+  const times = subjects.map(() => [] as number[]);
+  for (let i = 0; i < runs; i++) {
+    for (const [j, [, cmd, args, okCode]] of subjects.entries()) times[j].push(await timed(cmd, args, okCode));
+  }
+  console.log(`\n# Whole processes, same guest (${runs} interleaved runs)\n`);
+  console.log('| what | median ms | min–max ms |');
+  console.log('|---|---:|---:|');
+  subjects.forEach(([name], j) => console.log(row(name, times[j])));
+}
+
+function timed(cmd: string, args: string[], okCode: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const start = performance.now();
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    child.stderr.on('data', (d) => (err += d));
+    child.on('error', reject);
+    child.on('close', (code) => (code === okCode ? resolve(performance.now() - start) : reject(new Error(`${cmd} exited ${code}: ${err.slice(-300)}`))));
+  });
 }
 
 main().catch((err) => {

@@ -12,15 +12,18 @@ import { startNative } from '../src/vm/native.js';
 import { skiff } from './helpers.js';
 
 const GUEST = path.join(packageRoot(), 'test', 'guests', 'out', 'skiff-test-guest.elf');
+/** The same guest as a bzImage, booted through the Linux 64-bit boot protocol. */
+const GUEST_BZIMAGE = path.join(packageRoot(), 'test', 'guests', 'out', 'skiff-test-guest.bzImage');
+const BUILDS: [string, string][] = [['PVH', GUEST], ['bzImage', GUEST_BZIMAGE]];
 const MiB = 1024 * 1024;
 
 test.before(() => {
   if (!existsSync('/dev/kvm')) throw new Error('/dev/kvm is missing: the native engine tests need it');
-  if (!existsSync(GUEST)) throw new Error(`${GUEST} is not built: run "npm run build:guests"`);
+  for (const [, file] of BUILDS) if (!existsSync(file)) throw new Error(`${file} is not built: run "npm run build:guests"`);
 });
 
-function guest(testName: string, extra: string[] = []) {
-  return skiff(['boot', '--engine', 'native', '--kernel', GUEST, '--memory', '64', '--timeout', '60', '--cmdline', `skiff.test=${testName}`, ...extra]);
+function guest(testName: string, extra: string[] = [], kernel = GUEST) {
+  return skiff(['boot', '--engine', 'native', '--kernel', kernel, '--memory', '64', '--timeout', '60', '--cmdline', `skiff.test=${testName}`, ...extra]);
 }
 
 function fnv1a(bytes: Uint8Array): number {
@@ -67,35 +70,61 @@ test('the exit device carries the full 32-bit status (library API)', async (t) =
   }
 });
 
-test('the CLI exits with the guest status', async (t) => {
-  const r = await guest('exit=7');
-  t.is(r.code, 7, r.stderr);
-  t.regex(r.stdout, /guest: exit 7/);
-});
+for (const [build, kernel] of BUILDS) {
+  test(`${build}: the CLI exits with the guest status`, async (t) => {
+    const r = await guest('exit=7', [], kernel);
+    t.is(r.code, 7, r.stderr);
+    t.regex(r.stdout, /guest: exit 7/);
+  });
 
-test('serial input reaches the guest', async (t) => {
-  const r = await skiff(['boot', '--engine', 'native', '--kernel', GUEST, '--memory', '32', '--timeout', '60', '--cmdline', 'skiff.test=echo'], { input: 'hello from the host\n' });
+  test(`${build}: serial input reaches the guest`, async (t) => {
+    const r = await skiff(['boot', '--engine', 'native', '--kernel', kernel, '--memory', '32', '--timeout', '60', '--cmdline', 'skiff.test=echo'], { input: 'hello from the host\n' });
+    t.is(r.code, 0, r.stdout + r.stderr);
+    t.true(said(r.stdout).includes('echo hello from the host'));
+  });
+
+  test(`${build}: code in guest ring 3 runs, and traps back to ring 0`, async (t) => {
+    const r = await guest('ring3', [], kernel);
+    t.is(r.code, 0, r.stdout + r.stderr);
+    t.true(said(r.stdout).includes('ring3 sum=50000005000000'));
+    t.regex(r.stdout, /guest: ring3 trap vector=6 cs=0x23 ss=0x1b/);
+  });
+
+  test(`${build}: an i8042 reset ends the VM with a clear message`, async (t) => {
+    const r = await guest('reset', [], kernel);
+    t.is(r.code, 125);
+    t.is(r.stderr, 'skiff: guest ended without reporting an exit status (it reset the machine)\n');
+  });
+
+  test(`${build}: a triple fault ends the VM with a clear message`, async (t) => {
+    const r = await guest('triplefault', [], kernel);
+    t.is(r.code, 125);
+    t.regex(r.stderr, /^skiff: guest ended without reporting an exit status \(it shut down \(triple fault/);
+  });
+}
+
+test('bzImage facts: long mode entry, boot_params, command line, e820 and the initrd as promised', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-native-'));
+  const initrd = path.join(dir, 'initrd.bin');
+  const bytes = randomBytes(2500);
+  await fs.writeFile(initrd, bytes);
+  const r = await guest('facts', ['--initrd', initrd], GUEST_BZIMAGE);
   t.is(r.code, 0, r.stdout + r.stderr);
-  t.true(said(r.stdout).includes('echo hello from the host'));
-});
-
-test('code in guest ring 3 runs, and traps back to ring 0', async (t) => {
-  const r = await guest('ring3');
-  t.is(r.code, 0, r.stdout + r.stderr);
-  t.true(said(r.stdout).includes('ring3 sum=50000005000000'));
-  t.regex(r.stdout, /guest: ring3 trap vector=6 cs=0x23 ss=0x1b/);
-});
-
-test('an i8042 reset ends the VM with a clear message', async (t) => {
-  const r = await guest('reset');
-  t.is(r.code, 125);
-  t.is(r.stderr, 'skiff: guest ended without reporting an exit status (it reset the machine)\n');
-});
-
-test('a triple fault ends the VM with a clear message', async (t) => {
-  const r = await guest('triplefault');
-  t.is(r.code, 125);
-  t.regex(r.stderr, /^skiff: guest ended without reporting an exit status \(it shut down \(triple fault/);
+  const lines = said(r.stdout);
+  // Long mode with paging (CR0.PG|ET|PE, CR4.PAE, EFER.LME|LMA), the boot GDT's selectors, and
+  // %rsi -> the zero page (layout.h kZeroPage).
+  t.true(lines.includes('entry64 cs=0x10 ds=0x18 ss=0x18 cr0=0x80000011 cr4=0x20 efer=0x500 rsi=0x3000'), lines.join('\n'));
+  t.true(lines.includes('boot_params hdr_magic=0x53726448 version=0x20f type_of_loader=0xff loadflags=0x1'));
+  t.regex(lines.find((l) => l.startsWith('cmdline '))!, /^cmdline console=ttyS0 .*skiff\.test=facts$/);
+  t.deepEqual(
+    lines.filter((l) => l.startsWith('e820 addr=')),
+    ['e820 addr=0x0 size=0x9fc00 type=0x1', 'e820 addr=0x9fc00 size=0x60400 type=0x2', `e820 addr=0x100000 size=0x${(64 * MiB - 0x100000).toString(16)} type=0x1`],
+  );
+  const rd = /^ramdisk paddr=0x([0-9a-f]+) size=0x([0-9a-f]+) fnv1a=0x([0-9a-f]+)$/.exec(lines.find((l) => l.startsWith('ramdisk '))!)!;
+  t.is(Number.parseInt(rd[1], 16) % 4096, 0);
+  t.is(Number.parseInt(rd[2], 16), bytes.length);
+  t.is(Number.parseInt(rd[3], 16), fnv1a(bytes));
+  t.true(lines.includes('facts ok'));
 });
 
 test('a guest that never ends is stopped by --timeout: 124', async (t) => {

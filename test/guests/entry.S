@@ -131,6 +131,10 @@ long_mode_entry:
 	hlt
 	jmp	1b
 
+/* ------------------------------------------------------------------------ */
+/* Shared with the bzImage build (which leaves .text.entry out). */
+	.text
+
 /*
  * Exception stubs for vectors 0..31, each 16 bytes apart (exc_stubs + 16*n).
  * Stubs for vectors without a CPU error code push a 0 so every frame looks

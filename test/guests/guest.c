@@ -1,8 +1,12 @@
 /*
- * skiff test guest: the 64-bit part. entry.S enters guest_main() in long
- * mode, ring 0, interrupts off, with the guest-physical address of the PVH
- * struct hvm_start_info. The test to run comes from the kernel command line
- * ("skiff.test=NAME"); see README.md for the tests and their output.
+ * skiff test guest: the 64-bit part. The entry code enters guest_main() in
+ * long mode, ring 0, interrupts off, on the guest's own GDT, page tables and
+ * stack, with the guest-physical address of what the loader handed over:
+ *   - BOOT_PVH (entry.S, the ELF build): struct hvm_start_info;
+ *   - BOOT_BZIMAGE (bzimage.S, the bzImage build): struct boot_params (the
+ *     "zero page" of the Linux x86 64-bit boot protocol).
+ * The test to run comes from the kernel command line ("skiff.test=NAME");
+ * see README.md for the tests and their output.
  *
  * Everything the guest reports is printed on the 8250 UART at 0x3f8 as lines
  * starting with "guest: "; it ends by writing a 32-bit status to the exit
@@ -27,6 +31,9 @@ typedef unsigned long usize;
 #define EXIT_USAGE 2         /* unknown test or bad argument */
 #define EXIT_EXCEPTION 3     /* unexpected CPU exception */
 #define EXIT_NOT_ENDED 99    /* reset / triple fault did not end the VM */
+
+#define BOOT_PVH 0
+#define BOOT_BZIMAGE 1
 
 #define HVM_START_MAGIC 0x336ec578u
 #define MAPPED_LIMIT 0x100000000ull /* entry.S identity-maps the first 4 GiB */
@@ -64,15 +71,49 @@ struct hvm_memmap_table_entry {
     u32 reserved;
 };
 
-/* From entry.S. */
+/*
+ * struct boot_params (Linux arch/x86/include/uapi/asm/bootparam.h): one 4 KiB
+ * page. Only these fields are read, at these offsets; hdr (struct
+ * setup_header) starts at 0x1f1, so its fields are unaligned.
+ */
+#define BP_SIZE 0x1000
+#define BP_EXT_RAMDISK_IMAGE 0x0c0 /* u32: high 32 bits of ramdisk_image */
+#define BP_EXT_RAMDISK_SIZE 0x0c4  /* u32: high 32 bits of ramdisk_size */
+#define BP_EXT_CMD_LINE_PTR 0x0c8  /* u32: high 32 bits of cmd_line_ptr */
+#define BP_E820_ENTRIES 0x1e8      /* u8 */
+#define BP_HDR_MAGIC 0x202         /* u32: "HdrS" */
+#define BP_HDR_VERSION 0x206       /* u16 */
+#define BP_TYPE_OF_LOADER 0x210    /* u8 */
+#define BP_LOADFLAGS 0x211         /* u8 */
+#define BP_RAMDISK_IMAGE 0x218     /* u32 */
+#define BP_RAMDISK_SIZE 0x21c      /* u32 */
+#define BP_CMD_LINE_PTR 0x228      /* u32 */
+#define BP_E820_TABLE 0x2d0        /* struct boot_e820_entry[128] */
+#define BP_E820_MAX 128            /* E820_MAX_ENTRIES_ZEROPAGE */
+#define E820_ENTRY_SIZE 20         /* packed: u64 addr, u64 size, u32 type */
+#define HDRS_MAGIC 0x53726448u     /* "HdrS" */
+
+typedef u16 u16_unaligned __attribute__((aligned(1), may_alias));
+typedef u32 u32_unaligned __attribute__((aligned(1), may_alias));
+typedef u64 u64_unaligned __attribute__((aligned(1), may_alias));
+
+static u8 rd8(const u8 *p, u32 off) { return p[off]; }
+static u16 rd16(const u8 *p, u32 off) { return *(const u16_unaligned *)(p + off); }
+static u32 rd32(const u8 *p, u32 off) { return *(const u32_unaligned *)(p + off); }
+static u64 rd64(const u8 *p, u32 off) { return *(const u64_unaligned *)(p + off); }
+
+/* From entry.S (PVH entry state; the bzImage entry state, which bzimage.S
+   records). */
 extern u32 entry_eflags, entry_ebx, entry_cr0, entry_cr4;
 extern u16 entry_cs, entry_ds, entry_es, entry_ss;
+extern u64 entry64_cr0, entry64_cr4, entry64_efer, entry64_rsi;
+extern u16 entry64_cs, entry64_ds, entry64_ss;
 extern u64 gdt[];
 extern char exc_stubs[];
 extern char ring3_entry[], ring3_ud2[];
 void enter_ring3(u64 rip, u64 rsp) __attribute__((noreturn));
 
-void guest_main(u32 start_info_paddr) __attribute__((noreturn));
+void guest_main(u64 info_paddr, u32 boot_mode) __attribute__((noreturn));
 
 /* gcc may emit calls to these even with -ffreestanding. */
 void *memset(void *d, int c, usize n)
@@ -395,7 +436,34 @@ static int parse_u32(const char *s, usize n, u32 *out)
 /* ------------------------------------------------------------------------ */
 /* Tests. */
 
-static void test_facts(const struct hvm_start_info *si, u32 si_paddr, const char *cmd, usize cmdlen)
+/* FNV-1a of [paddr, paddr + size) after " fnv1a=", or why not. Returns 0 if
+   the bytes are not below 4 GiB. */
+static int put_fnv1a(u64 paddr, u64 size)
+{
+    if (mapped(paddr, size)) {
+        puts(" fnv1a=");
+        put_hex(fnv1a32((const u8 *)(usize)paddr, size));
+        putc('\n');
+        return 1;
+    }
+    puts(" fnv1a=none (not below 4 GiB)\n");
+    return 0;
+}
+
+static void facts_end(int ok) __attribute__((noreturn));
+static void facts_end(int ok)
+{
+    if (ok) {
+        puts("guest: facts ok\n");
+        guest_exit(EXIT_OK);
+    }
+    puts("guest: facts failed\n");
+    guest_exit(EXIT_FAIL);
+}
+
+static void facts_pvh(const struct hvm_start_info *si, u32 si_paddr, const char *cmd, usize cmdlen)
+    __attribute__((noreturn));
+static void facts_pvh(const struct hvm_start_info *si, u32 si_paddr, const char *cmd, usize cmdlen)
 {
     int ok = 1;
 
@@ -482,23 +550,79 @@ static void test_facts(const struct hvm_start_info *si, u32 si_paddr, const char
             put_hex(mod[i].paddr);
             puts(" size=");
             put_hex(mod[i].size);
-            if (mapped(mod[i].paddr, mod[i].size)) {
-                puts(" fnv1a=");
-                put_hex(fnv1a32((const u8 *)(usize)mod[i].paddr, mod[i].size));
-                putc('\n');
-            } else {
-                puts(" fnv1a=none (not below 4 GiB)\n");
+            if (!put_fnv1a(mod[i].paddr, mod[i].size))
                 ok = 0;
-            }
+        }
+    }
+    facts_end(ok);
+}
+
+static void facts_bzimage(const u8 *bp, const char *cmd, usize cmdlen) __attribute__((noreturn));
+static void facts_bzimage(const u8 *bp, const char *cmd, usize cmdlen)
+{
+    int ok = 1;
+
+    puts("guest: entry64 cs=");
+    put_hex(entry64_cs);
+    puts(" ds=");
+    put_hex(entry64_ds);
+    puts(" ss=");
+    put_hex(entry64_ss);
+    puts(" cr0=");
+    put_hex(entry64_cr0);
+    puts(" cr4=");
+    put_hex(entry64_cr4);
+    puts(" efer=");
+    put_hex(entry64_efer);
+    puts(" rsi=");
+    put_hex(entry64_rsi);
+    putc('\n');
+
+    puts("guest: boot_params hdr_magic=");
+    put_hex(rd32(bp, BP_HDR_MAGIC));
+    puts(" version=");
+    put_hex(rd16(bp, BP_HDR_VERSION));
+    puts(" type_of_loader=");
+    put_hex(rd8(bp, BP_TYPE_OF_LOADER));
+    puts(" loadflags=");
+    put_hex(rd8(bp, BP_LOADFLAGS));
+    putc('\n');
+
+    puts("guest: cmdline ");
+    putn(cmd, cmdlen);
+    putc('\n');
+
+    u32 n = rd8(bp, BP_E820_ENTRIES);
+    puts("guest: e820 count=");
+    put_dec(n);
+    putc('\n');
+    if (n > BP_E820_MAX) {
+        puts("guest: e820 too many entries\n");
+        ok = 0;
+    } else {
+        for (u32 i = 0; i < n; i++) {
+            const u8 *e = bp + BP_E820_TABLE + E820_ENTRY_SIZE * i;
+            puts("guest: e820 addr=");
+            put_hex(rd64(e, 0));
+            puts(" size=");
+            put_hex(rd64(e, 8));
+            puts(" type=");
+            put_hex(rd32(e, 16));
+            putc('\n');
         }
     }
 
-    if (ok) {
-        puts("guest: facts ok\n");
-        guest_exit(EXIT_OK);
+    u64 rd_paddr = rd32(bp, BP_RAMDISK_IMAGE) | (u64)rd32(bp, BP_EXT_RAMDISK_IMAGE) << 32;
+    u64 rd_size = rd32(bp, BP_RAMDISK_SIZE) | (u64)rd32(bp, BP_EXT_RAMDISK_SIZE) << 32;
+    if (rd_size) {
+        puts("guest: ramdisk paddr=");
+        put_hex(rd_paddr);
+        puts(" size=");
+        put_hex(rd_size);
+        if (!put_fnv1a(rd_paddr, rd_size))
+            ok = 0;
     }
-    puts("guest: facts failed\n");
-    guest_exit(EXIT_FAIL);
+    facts_end(ok);
 }
 
 static void test_echo(void)
@@ -551,36 +675,62 @@ static void test_ring3(void)
     enter_ring3((u64)(usize)ring3_entry, (u64)(usize)(ring3_stack + sizeof(ring3_stack)));
 }
 
-void guest_main(u32 si_paddr)
+/* The command line at paddr (0: none): at most MAX_CMDLINE bytes, up to its
+   NUL, never past 4 GiB. */
+static usize cmdline_at(u64 paddr, const char **cmd)
+{
+    *cmd = "";
+    if (!paddr)
+        return 0;
+    if (!mapped(paddr, 1)) {
+        puts("guest: cmdline not below 4 GiB\n");
+        guest_exit(EXIT_FAIL);
+    }
+    *cmd = (const char *)(usize)paddr;
+    usize max = MAX_CMDLINE;
+    if (MAPPED_LIMIT - paddr < max)
+        max = (usize)(MAPPED_LIMIT - paddr);
+    return bounded_strlen(*cmd, max);
+}
+
+void guest_main(u64 info_paddr, u32 boot_mode)
 {
     setup_idt();
 
-    if (!mapped(si_paddr, sizeof(struct hvm_start_info))) {
-        puts("guest: start_info not below 4 GiB\n");
-        guest_exit(EXIT_FAIL);
-    }
-    const struct hvm_start_info *si = (const struct hvm_start_info *)(usize)si_paddr;
-    if (si->magic != HVM_START_MAGIC) {
-        puts("guest: bad start_info magic=");
-        put_hex(si->magic);
-        puts(" at ");
-        put_hex(si_paddr);
-        puts(" (want 0x336ec578)\n");
-        guest_exit(EXIT_FAIL);
-    }
-
-    const char *cmd = "";
-    usize cmdlen = 0;
-    if (si->cmdline_paddr) {
-        if (!mapped(si->cmdline_paddr, 1)) {
-            puts("guest: cmdline not below 4 GiB\n");
+    const struct hvm_start_info *si = 0;
+    const u8 *bp = 0;
+    const char *cmd;
+    usize cmdlen;
+    if (boot_mode == BOOT_BZIMAGE) {
+        if (!mapped(info_paddr, BP_SIZE)) {
+            puts("guest: boot_params not below 4 GiB\n");
             guest_exit(EXIT_FAIL);
         }
-        cmd = (const char *)(usize)si->cmdline_paddr;
-        usize max = MAX_CMDLINE;
-        if (MAPPED_LIMIT - si->cmdline_paddr < max)
-            max = (usize)(MAPPED_LIMIT - si->cmdline_paddr);
-        cmdlen = bounded_strlen(cmd, max);
+        bp = (const u8 *)(usize)info_paddr;
+        if (rd32(bp, BP_HDR_MAGIC) != HDRS_MAGIC) {
+            puts("guest: bad boot_params hdr magic=");
+            put_hex(rd32(bp, BP_HDR_MAGIC));
+            puts(" at ");
+            put_hex(info_paddr);
+            puts(" (want 0x53726448)\n");
+            guest_exit(EXIT_FAIL);
+        }
+        cmdlen = cmdline_at(rd32(bp, BP_CMD_LINE_PTR) | (u64)rd32(bp, BP_EXT_CMD_LINE_PTR) << 32, &cmd);
+    } else {
+        if (!mapped(info_paddr, sizeof(struct hvm_start_info))) {
+            puts("guest: start_info not below 4 GiB\n");
+            guest_exit(EXIT_FAIL);
+        }
+        si = (const struct hvm_start_info *)(usize)info_paddr;
+        if (si->magic != HVM_START_MAGIC) {
+            puts("guest: bad start_info magic=");
+            put_hex(si->magic);
+            puts(" at ");
+            put_hex(info_paddr);
+            puts(" (want 0x336ec578)\n");
+            guest_exit(EXIT_FAIL);
+        }
+        cmdlen = cmdline_at(si->cmdline_paddr, &cmd);
     }
 
     const char *t = "";
@@ -592,8 +742,12 @@ void guest_main(u32 si_paddr)
 
     usize n = tl > 0 ? (usize)tl : 0;
     if (tl > 0) {
-        if (equals(t, n, "facts"))
-            test_facts(si, si_paddr, cmd, cmdlen);
+        if (equals(t, n, "facts")) {
+            if (bp)
+                facts_bzimage(bp, cmd, cmdlen);
+            else
+                facts_pvh(si, (u32)info_paddr, cmd, cmdlen);
+        }
         if (equals(t, n, "echo"))
             test_echo();
         if (equals(t, n, "reset"))
