@@ -85,7 +85,7 @@ async function main() {
   const runs = Number(values.runs);
   const hostRuns = Number(values['host-runs']);
   const kernel = await cachedKernel();
-  if (!kernel) throw new Error('build the kernel first: node dist/cli/main.js kernel build');
+  if (!kernel) throw new Error('build the kernel first: node dist/bundle/skiff.js kernel build');
   const initrd = await defaultInitrd();
   const command = ['true'];
 
@@ -118,7 +118,7 @@ async function main() {
   const config = await makeVmConfig({ kernel: kernel.vmlinux, initrd, command });
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-bench-'));
   const direct = qemuArgs(config, path.join(scratch, 'status'), { accel: 'tcg' });
-  const cli = path.join(packageRoot(), 'dist', 'cli', 'main.js');
+  const cli = path.join(packageRoot(), 'dist', 'bundle', 'skiff.js');
   const host = { node: [] as number[], qemu: [] as number[], skiff: [] as number[] };
   for (let i = 0; i < hostRuns; i++) {
     host.node.push(await timeProcess(process.execPath, ['-e', '0']));

@@ -52,7 +52,7 @@ async function main() {
 }
 
 async function wholeProcesses(kernel: string, runs: number): Promise<void> {
-  const cli = path.join(packageRoot(), 'dist', 'cli', 'main.js');
+  const cli = path.join(packageRoot(), 'dist', 'bundle', 'skiff.js');
   // QEMU's exit code for isa-debug-exit status 0 is 1. Default CPU model: `-cpu host` fails to set
   // an MSR under KVM on PVM.
   const qemu = ['-M', 'microvm,acpi=off', '-accel', 'kvm', '-nodefaults', '-no-user-config', '-nographic', '-serial', 'stdio', '-no-reboot', '-m', '32M', '-kernel', kernel, '-append', 'skiff.test=exit=0', '-device', 'isa-debug-exit,iobase=0xf4,iosize=4'];

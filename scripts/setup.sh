@@ -29,4 +29,4 @@ npm ci --no-audit --no-fund
 echo "setup: building skiff (TypeScript, skiff-init, native addon)"
 npm run build
 echo "setup: building the default guest kernel (cached after the first time)"
-node dist/cli/main.js kernel build
+node dist/bundle/skiff.js kernel build

@@ -13,7 +13,7 @@ const execFileP = promisify(execFile);
 
 test.before(async () => {
   // npm test builds the kernel before ava runs; a missing kernel is a failure, not a skip.
-  if (!(await cachedKernel())) throw new Error('the default kernel is not built: run "node dist/cli/main.js kernel build"');
+  if (!(await cachedKernel())) throw new Error('the default kernel is not built: run "node dist/bundle/skiff.js kernel build"');
 });
 
 test('uname -r prints the 6.1 guest kernel version', async (t) => {

@@ -12,7 +12,7 @@ export interface RunResult {
 /** Runs the built CLI (dist/, as users run it) to completion. */
 export function skiff(args: string[], options: { input?: string; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [path.join(packageRoot(), 'dist', 'cli', 'main.js'), ...args], {
+    const child = spawn(process.execPath, [path.join(packageRoot(), 'dist', 'bundle', 'skiff.js'), ...args], {
       env: { ...process.env, ...options.env },
       stdio: ['pipe', 'pipe', 'pipe'],
     });
