@@ -64,6 +64,9 @@ export class BootCommand extends SkiffCommand {
     const machine = await startMachine(config, selection);
     if (this.verbose) stderr.write(`skiff: ${machine.description}, ${config.cpus} vCPU, ${config.memoryMiB} MiB\nskiff: cmdline: ${config.cmdline}\n`);
     machine.output.pipe(this.context.stdout, { end: false });
+    // skiff's own last words must start on a line of their own, even if the guest's did not end one.
+    let midLine = false;
+    machine.output.on('data', (chunk: Buffer) => (midLine = chunk.length > 0 && chunk[chunk.length - 1] !== 0x0a));
     const detach = this.attachInput(machine, this.command.length === 0);
     const onSignal = () => machine.kill();
     process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
@@ -75,7 +78,7 @@ export class BootCommand extends SkiffCommand {
     detach();
     process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
     if (exit.kind === 'exited') return exit.status;
-    stderr.write(`skiff: ${describeExit(exit)}\n`);
+    stderr.write(`${midLine && (this.context.stdout as NodeJS.WriteStream).isTTY && (stderr as NodeJS.WriteStream).isTTY ? '\n' : ''}skiff: ${describeExit(exit)}\n`);
     return exit.kind === 'timeout' ? EXIT_TIMEOUT : EXIT_SKIFF_ERROR;
   }
 

@@ -103,6 +103,37 @@ for (const [build, kernel] of BUILDS) {
   });
 }
 
+for (const [build, kernel] of BUILDS) {
+  for (const cpus of [1, 2, 4]) {
+    test(`${build}: --cpus ${cpus}: the MP table lists ${cpus} CPU(s), the bootstrap processor and the IO-APIC`, async (t) => {
+      const r = await guest('cpus', ['--cpus', String(cpus)], kernel);
+      t.is(r.code, 0, r.stdout + r.stderr);
+      const lines = said(r.stdout);
+      // mptable.cc: processors (20 bytes each), then an ISA bus, one IO-APIC, 24 IO and 2 local
+      // interrupt entries (8 bytes each) after the 44-byte header. The guest walks the entries by
+      // the table's length, as Linux does, and checks both checksums.
+      const entries = cpus + 1 + 1 + 24 + 2;
+      t.true(lines.includes(`mptable floating=0xf0000 spec_rev=4 table=0xf0010 table_spec_rev=4 length=${44 + 20 * cpus + 8 * 28} count_field=${entries} lapic=0xfee00000 oem=SKIFF product=MICROVM`), lines.join('\n'));
+      const ids = Array.from({ length: cpus }, (_, i) => i).join(',');
+      t.true(lines.includes(`mptable processors=${ids} buses=1 ioapics=1 io_ints=24 local_ints=2`), lines.join('\n'));
+      t.true(lines.includes(`mptable cpus=${cpus} bsp=0 ioapic=0xfec00000 ioapic_id=${cpus} entries=${entries}`), lines.join('\n'));
+      t.true(lines.includes('mptable ok'));
+    });
+  }
+
+  test(`${build}: --cpus 4: the guest starts every AP with INIT-SIPI-SIPI, into long mode`, async (t) => {
+    const r = await guest('smp', ['--cpus', '4'], kernel);
+    t.is(r.code, 0, r.stdout + r.stderr);
+    const lines = said(r.stdout);
+    // IA32_APIC_BASE: 0xfee00000, globally enabled (bit 11), this is the BSP (bit 8).
+    t.regex(lines.find((l) => l.startsWith('smp '))!, /^smp apic_base_msr=0xfee00900 lapic_id=0 lapic_version=0x[0-9a-f]+$/);
+    // Each AP went real mode -> 32-bit -> long mode on its own vCPU thread (stage bytes) and added
+    // 1 to a counter with a locked add; the BSP saw all three.
+    for (const id of [1, 2, 3]) t.true(lines.some((l) => new RegExp(`^ap apic_id=${id} sipis=[12] spins=\\d+ stage=long-mode$`).test(l)), lines.join('\n'));
+    t.true(lines.includes('aps started=3 of 3'));
+  });
+}
+
 test('bzImage facts: long mode entry, boot_params, command line, e820 and the initrd as promised', async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-native-'));
   const initrd = path.join(dir, 'initrd.bin');

@@ -132,9 +132,9 @@ MachineResult Machine::boot() {
   std::vector<std::thread> aps;
   for (uint32_t id = 1; id < config_.cpus; id++) {
     Vcpu* ap = vcpus_[id].get();
-    aps.emplace_back([this, ap] { onVcpuStop(runVcpu(*ap)); });
+    aps.emplace_back([this, ap, id] { onVcpuStop(id, runVcpu(*ap)); });
   }
-  onVcpuStop(runVcpu(*vcpus_[0]));
+  onVcpuStop(0, runVcpu(*vcpus_[0]));
   for (auto& t : aps) t.join();
 
   std::lock_guard<std::mutex> lock(resultMu_);
@@ -153,7 +153,7 @@ VcpuStop Machine::runVcpu(Vcpu& vcpu) {
 }
 
 // The first vCPU to end the machine decides the result; the others are then kicked out.
-void Machine::onVcpuStop(const VcpuStop& stop) {
+void Machine::onVcpuStop(uint32_t id, const VcpuStop& stop) {
   if (stop.reason == VcpuStop::Reason::Requested) return;  // someone else ended it
   MachineResult::Kind kind = MachineResult::Kind::Error;
   std::string detail;
@@ -163,10 +163,10 @@ void Machine::onVcpuStop(const VcpuStop& stop) {
       detail = stop.detail;
       break;
     case VcpuStop::Reason::Halt:
-      detail = "a vCPU halted with nothing to wake it";
+      detail = "vCPU " + std::to_string(id) + " halted with nothing to wake it";
       break;
     default:
-      detail = stop.detail + " at guest RIP " + hex(stop.rip);
+      detail = stop.detail + " on vCPU " + std::to_string(id) + " at guest RIP " + hex(stop.rip);
       break;
   }
   requestStop(kind, 0, detail, stop.rip);

@@ -54,7 +54,7 @@ class Machine final : public ExitHandler {
  private:
   MachineResult boot();
   void requestStop(MachineResult::Kind kind, uint32_t status, const std::string& detail, uint64_t rip = 0);
-  void onVcpuStop(const VcpuStop& stop);
+  void onVcpuStop(uint32_t id, const VcpuStop& stop);
   VcpuStop runVcpu(Vcpu& vcpu);
 
   MachineConfig config_;

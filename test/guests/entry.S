@@ -198,6 +198,87 @@ ring3_ud2:
 	jmp	ring3_ud2
 
 /* ------------------------------------------------------------------------ */
+/*
+ * The AP trampoline (skiff.test=smp). Only ever executed from its copy at
+ * AP_TRAMP_BASE (guest.c copies ap_tramp_start..ap_tramp_end there before it
+ * sends the SIPIs; the SIPI vector is AP_TRAMP_BASE >> 12), so it lives in
+ * .rodata, and every address in it is computed for that copy.
+ *
+ * An AP leaves INIT/SIPI in real mode with CS = AP_TRAMP_BASE >> 4, IP = 0.
+ * It goes real mode -> 32-bit protected mode -> 64-bit long mode (the
+ * guest's own page tables), and writes how far it got into
+ * stage[its APIC id] (CPUID.1:EBX[31:24]) at AP_TRAMP_BASE + AP_STAGE_OFF:
+ *   1 = running in real mode, 2 = in 32-bit protected mode, 3 = in long mode.
+ * In long mode it adds 1 to ap_started with a locked add, then halts with
+ * interrupts off, forever. It uses no stack and takes no interrupts.
+ */
+#define AP_TRAMP_BASE	0x10000		/* guest.c: AP_TRAMP_BASE */
+#define AP_STAGE_OFF	0x800		/* guest.c: AP_STAGE_OFF */
+#define AP_ABS(sym)	(AP_TRAMP_BASE + ((sym) - ap_tramp_start))
+
+	.section .rodata
+	.balign 16
+	.globl ap_tramp_start, ap_tramp_end
+	.code16
+ap_tramp_start:
+	cli
+	movw	%cs, %ax			/* AP_TRAMP_BASE >> 4 */
+	movw	%ax, %ds
+	movl	$1, %eax
+	cpuid
+	shrl	$24, %ebx			/* %ebx = this CPU's initial APIC id */
+	movb	$1, AP_STAGE_OFF(%bx)		/* stage 1: real mode */
+	lgdtl	(ap_gdt_ptr - ap_tramp_start)
+	movl	%cr0, %eax
+	orl	$0x1, %eax			/* CR0.PE */
+	movl	%eax, %cr0
+	ljmpl	$0x08, $AP_ABS(ap_pm32)
+
+	.code32
+ap_pm32:
+	movl	$0x10, %eax
+	movl	%eax, %ds
+	movl	%eax, %es
+	movl	%eax, %ss
+	movb	$2, AP_TRAMP_BASE + AP_STAGE_OFF(%ebx)	/* stage 2: 32-bit */
+	movl	%cr4, %eax
+	orl	$0x20, %eax			/* CR4.PAE */
+	movl	%eax, %cr4
+	movl	$pml4, %eax			/* the BSP's page tables (below 4 GiB) */
+	movl	%eax, %cr3
+	movl	$0xc0000080, %ecx		/* EFER */
+	rdmsr
+	orl	$0x100, %eax			/* EFER.LME */
+	wrmsr
+	movl	%cr0, %eax
+	orl	$0x80000000, %eax		/* CR0.PG */
+	movl	%eax, %cr0
+	ljmp	$0x18, $AP_ABS(ap_lm64)
+
+	.code64
+ap_lm64:
+	movb	$3, AP_TRAMP_BASE + AP_STAGE_OFF(%rbx)	/* stage 3: long mode */
+	lock incl ap_started			/* absolute address, not %rip-relative */
+	cli
+	hlt
+	.byte	0xeb, 0xfc			/* jmp back to the cli (a fixed-size jump keeps
+						   the size check below constant) */
+
+ap_gdt:						/* (unaligned: an alignment would make the size check below non-constant) */
+	.quad 0				/* 0x00 null */
+	.quad 0x00cf9a000000ffff	/* 0x08 code, 32-bit */
+	.quad 0x00cf92000000ffff	/* 0x10 data */
+	.quad 0x00af9a000000ffff	/* 0x18 code, 64-bit */
+ap_gdt_end:
+ap_gdt_ptr:
+	.word ap_gdt_end - ap_gdt - 1
+	.long AP_ABS(ap_gdt)
+ap_tramp_end:
+	.if (ap_tramp_end - ap_tramp_start) > AP_STAGE_OFF
+	.error "the AP trampoline overlaps its stage bytes"
+	.endif
+
+/* ------------------------------------------------------------------------ */
 	.section .rodata
 msg_no_long_mode:
 	.asciz "guest: no long mode\n"

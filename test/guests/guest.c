@@ -111,6 +111,7 @@ extern u16 entry64_cs, entry64_ds, entry64_ss;
 extern u64 gdt[];
 extern char exc_stubs[];
 extern char ring3_entry[], ring3_ud2[];
+extern const u8 ap_tramp_start[], ap_tramp_end[];
 void enter_ring3(u64 rip, u64 rsp) __attribute__((noreturn));
 
 void guest_main(u64 info_paddr, u32 boot_mode) __attribute__((noreturn));
@@ -675,6 +676,451 @@ static void test_ring3(void)
     enter_ring3((u64)(usize)ring3_entry, (u64)(usize)(ring3_stack + sizeof(ring3_stack)));
 }
 
+/* ------------------------------------------------------------------------ */
+/* skiff.test=cpus: the Intel MP table (MultiProcessor Specification 1.4). */
+
+#define MP_FLOAT_SIG 0x5f504d5fu /* "_MP_" */
+#define MP_CONF_SIG 0x504d4350u  /* "PCMP" */
+#define MP_CONF_HDR 44           /* configuration table header bytes */
+#define MP_MAX_CPUS 256          /* APIC ids are 8 bits */
+
+struct mp_info {
+    u64 floating, table, lapic;
+    u32 spec_rev, length, count_field, entries;
+    u32 cpus, bsp, bsps, ioapics, ioapic_addr, ioapic_id;
+    u32 ncpu;                  /* processor entries, enabled or not */
+    u8 cpu_id[MP_MAX_CPUS];    /* their APIC ids, in table order */
+    u8 cpu_flags[MP_MAX_CPUS]; /* their flags: bit 0 enabled, bit 1 bootstrap */
+};
+
+/* A pointer to guest-physical memory that the compiler may not reason about:
+   address 0 is a valid place to look (the first KiB), not a null pointer. */
+static const u8 *phys(u64 addr)
+{
+    const u8 *p = (const u8 *)(usize)addr;
+    __asm__("" : "+r"(p));
+    return p;
+}
+
+static u8 sum8(const u8 *p, u32 n)
+{
+    u8 s = 0;
+    for (u32 i = 0; i < n; i++)
+        s = (u8)(s + p[i]);
+    return s;
+}
+
+/* This CPU's initial APIC id: CPUID.1:EBX[31:24]. */
+static u32 cpuid_apic_id(void)
+{
+    u32 a = 1, b, c = 0, d;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    return b >> 24;
+}
+
+/* Linux's smp_scan_config(): a floating pointer is "_MP_" on a 16-byte
+   boundary, 16 bytes long (length 1), spec revision 1 or 4, bytes summing to
+   0. Prints why any "_MP_" it skips was not one. Returns its address or 0. */
+static u64 mp_scan(u64 base, u64 len)
+{
+    for (u64 a = base; a + 16 <= base + len; a += 16) {
+        const u8 *p = phys(a);
+        if (rd32(p, 0) != MP_FLOAT_SIG)
+            continue;
+        const char *why = 0;
+        if (p[8] != 1)
+            why = "length is not 1";
+        else if (p[9] != 1 && p[9] != 4)
+            why = "spec revision is not 1 or 4";
+        else if (sum8(p, 16) != 0)
+            why = "checksum: bytes do not sum to 0";
+        if (!why)
+            return a;
+        puts("guest: mptable skipped _MP_ at ");
+        put_hex(a);
+        puts(": ");
+        puts(why);
+        putc('\n');
+    }
+    return 0;
+}
+
+static void put_text(const u8 *p, u32 n) /* an ID string, trailing spaces dropped */
+{
+    while (n && (p[n - 1] == ' ' || p[n - 1] == 0))
+        n--;
+    for (u32 i = 0; i < n; i++)
+        putc(p[i] > ' ' && p[i] < 0x7f ? (char)p[i] : '?');
+}
+
+static int mp_fail(const char *why)
+{
+    puts("guest: mptable ");
+    puts(why);
+    putc('\n');
+    return 0;
+}
+
+/* Finds and checks the MP table, prints it, fills *m. Returns 1 if it is
+   usable: both checksums, the revisions, every entry, exactly one enabled
+   bootstrap processor that is this CPU, and an IO-APIC. */
+static int mp_read(struct mp_info *m)
+{
+    memset(m, 0, sizeof(*m));
+    /* Where Linux looks (default_find_smp_config), in its order: the first
+       KiB, the last KiB of base memory (QEMU's qboot puts it there), the BIOS
+       area 0xf0000-0xfffff (skiff puts it there), then the EBDA. */
+    u64 f = mp_scan(0x0, 0x400);
+    if (!f)
+        f = mp_scan(639 * 0x400, 0x400);
+    if (!f)
+        f = mp_scan(0xf0000, 0x10000);
+    if (!f) {
+        u64 ebda = (u64)rd16(phys(0x40e), 0) << 4;
+        if (ebda >= 0x400 && ebda < 0xa0000)
+            f = mp_scan(ebda, 0x400);
+    }
+    if (!f)
+        return mp_fail("not found (no valid _MP_ in 0x0-0x3ff, 0x9fc00-0x9ffff, 0xf0000-0xfffff or the EBDA)");
+    m->floating = f;
+    const u8 *fp = phys(f);
+    m->table = rd32(fp, 4);
+    if (!m->table) {
+        puts("guest: mptable floating=");
+        put_hex(f);
+        puts(" names default configuration ");
+        put_dec(fp[11]);
+        puts(", no table\n");
+        return 0;
+    }
+    if (!mapped(m->table, MP_CONF_HDR))
+        return mp_fail("configuration table not below 4 GiB");
+    const u8 *t = phys(m->table);
+    m->spec_rev = t[6];
+    m->length = rd16(t, 4);
+    m->count_field = rd16(t, 34);
+    m->lapic = rd32(t, 36);
+    u32 ext_len = rd16(t, 40);
+
+    puts("guest: mptable floating=");
+    put_hex(f);
+    puts(" spec_rev=");
+    put_dec(fp[9]);
+    puts(" table=");
+    put_hex(m->table);
+    puts(" table_spec_rev=");
+    put_dec(m->spec_rev);
+    puts(" length=");
+    put_dec(m->length);
+    puts(" count_field=");
+    put_dec(m->count_field);
+    puts(" lapic=");
+    put_hex(m->lapic);
+    puts(" oem=");
+    put_text(t + 8, 8);
+    puts(" product=");
+    put_text(t + 16, 12);
+    putc('\n');
+
+    if (rd32(t, 0) != MP_CONF_SIG)
+        return mp_fail("configuration table signature is not PCMP");
+    if (m->length < MP_CONF_HDR || !mapped(m->table, (u64)m->length + ext_len))
+        return mp_fail("configuration table length is bad");
+    if (m->spec_rev != 1 && m->spec_rev != 4)
+        return mp_fail("configuration table spec revision is not 1 or 4");
+    if (sum8(t, m->length) != 0)
+        return mp_fail("configuration table checksum: bytes do not sum to 0");
+    if (ext_len && (u8)(sum8(t + m->length, ext_len) + t[42]) != 0)
+        return mp_fail("extended table checksum: bytes do not sum to 0");
+
+    /* The entries, walked by the table's length as Linux does (its entry
+       count field is printed above; qboot leaves it 0). */
+    u32 buses = 0, io_ints = 0, local_ints = 0;
+    for (u32 off = MP_CONF_HDR; off < m->length; m->entries++) {
+        const u8 *e = t + off;
+        u32 size = e[0] == 0 ? 20 : e[0] <= 4 ? 8 : 0;
+        if (!size || off + size > m->length) {
+            puts("guest: mptable entry at offset ");
+            put_dec(off);
+            puts(size ? " runs past the table's end\n" : " has an unknown type ");
+            if (!size) {
+                put_dec(e[0]);
+                putc('\n');
+            }
+            return 0;
+        }
+        switch (e[0]) {
+        case 0: /* processor: id, version, flags */
+            if (m->ncpu == MP_MAX_CPUS)
+                return mp_fail("more than 256 processor entries");
+            m->cpu_id[m->ncpu] = e[1];
+            m->cpu_flags[m->ncpu] = e[3];
+            m->ncpu++;
+            if (e[3] & 1) {
+                m->cpus++;
+                if (e[3] & 2) {
+                    m->bsp = e[1];
+                    m->bsps++;
+                }
+            }
+            break;
+        case 1:
+            buses++;
+            break;
+        case 2: /* IO-APIC: id, version, flags (bit 0 usable), address */
+            if ((e[3] & 1) && !m->ioapics++) {
+                m->ioapic_id = e[1];
+                m->ioapic_addr = rd32(e, 4);
+            }
+            break;
+        case 3:
+            io_ints++;
+            break;
+        default:
+            local_ints++;
+            break;
+        }
+        off += size;
+    }
+
+    puts("guest: mptable processors=");
+    for (u32 i = 0; i < m->ncpu; i++) {
+        if (i)
+            putc(',');
+        put_dec(m->cpu_id[i]);
+        if (!(m->cpu_flags[i] & 1))
+            puts(":disabled");
+    }
+    puts(" buses=");
+    put_dec(buses);
+    puts(" ioapics=");
+    put_dec(m->ioapics);
+    puts(" io_ints=");
+    put_dec(io_ints);
+    puts(" local_ints=");
+    put_dec(local_ints);
+    putc('\n');
+
+    puts("guest: mptable cpus=");
+    put_dec(m->cpus);
+    puts(" bsp=");
+    put_dec(m->bsp);
+    puts(" ioapic=");
+    put_hex(m->ioapic_addr);
+    puts(" ioapic_id=");
+    put_dec(m->ioapic_id);
+    puts(" entries=");
+    put_dec(m->entries);
+    putc('\n');
+
+    int ok = 1;
+    for (u32 i = 0; i < m->ncpu; i++)
+        for (u32 j = 0; j < i; j++)
+            if (m->cpu_id[i] == m->cpu_id[j])
+                ok = mp_fail("two processor entries have the same APIC id");
+    if (m->bsps != 1)
+        ok = mp_fail("there is not exactly one enabled bootstrap processor");
+    else if (m->bsp != cpuid_apic_id()) {
+        puts("guest: mptable bootstrap processor is not this CPU (CPUID.1 APIC id ");
+        put_dec(cpuid_apic_id());
+        puts(")\n");
+        ok = 0;
+    }
+    if (!m->ioapics)
+        ok = mp_fail("has no usable IO-APIC");
+    if (!m->lapic || !mapped(m->lapic, 0x1000))
+        ok = mp_fail("local APIC address is 0 or not below 4 GiB");
+    return ok;
+}
+
+static struct mp_info mp;
+
+static void test_cpus(void)
+{
+    int ok = mp_read(&mp);
+    puts(ok ? "guest: mptable ok\n" : "guest: mptable failed\n");
+    guest_exit(ok ? EXIT_OK : EXIT_FAIL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* skiff.test=smp: the MP table, then INIT-SIPI-SIPI to every AP it lists. */
+
+#define AP_TRAMP_BASE 0x10000 /* entry.S: AP_TRAMP_BASE; free in skiff's layout */
+#define AP_STAGE_OFF 0x800    /* entry.S: AP_STAGE_OFF; one byte per APIC id */
+#define LAPIC_ID 0x20
+#define LAPIC_VERSION 0x30
+#define LAPIC_SVR 0xf0
+#define LAPIC_ESR 0x280
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+#define ICR_INIT 0x500
+#define ICR_STARTUP 0x600
+#define ICR_BUSY (1u << 12) /* delivery status: send pending */
+#define ICR_ASSERT (1u << 14)
+#define ICR_LEVEL (1u << 15)
+#define MSR_APIC_BASE 0x1b
+
+/* Waits are spin counts ("pause" loops), not time. Measured on this machine's
+   KVM (ring 0 emulated): a bare delay spin takes ~3 us, a poll spin (which
+   also reads memory) ~8 us; on QEMU TCG a spin takes ~0.3 us. The bounds are
+   sized for the slow KVM (a total failure ends after ~1 s with 3 APs); an AP
+   that starts ends its wait early. QEMU TCG sometimes needs the second SIPI. */
+#define SPIN_AFTER_INIT 3000      /* ~10 ms here (the spec's 10 ms after INIT) */
+#define SPIN_SIPI_POLL 10000      /* per SIPI, polling the AP's stage byte: ~80 ms */
+#define SPIN_ALL_POLL 100000      /* then all APs in long mode: ~0.8 s */
+
+volatile u32 ap_started; /* entry.S: each AP adds 1 in long mode */
+
+static volatile u8 *ap_stage(void) { return (volatile u8 *)(usize)(AP_TRAMP_BASE + AP_STAGE_OFF); }
+
+static inline u64 rdmsr(u32 msr)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return lo | (u64)hi << 32;
+}
+
+static void spin(u32 n)
+{
+    for (u32 i = 0; i < n; i++)
+        __asm__ volatile("pause" ::: "memory");
+}
+
+static u32 lapic_rd(u32 reg) { return *(volatile u32 *)(usize)(mp.lapic + reg); }
+static void lapic_wr(u32 reg, u32 v) { *(volatile u32 *)(usize)(mp.lapic + reg) = v; }
+
+/* Sends one IPI; returns 0 if the ICR still says "send pending" after a while. */
+static int send_ipi(u32 apic_id, u32 icr)
+{
+    lapic_wr(LAPIC_ICR_HI, apic_id << 24);
+    lapic_wr(LAPIC_ICR_LO, icr);
+    for (u32 i = 0; i < 1000; i++)
+        if (!(lapic_rd(LAPIC_ICR_LO) & ICR_BUSY))
+            return 1;
+    return 0;
+}
+
+/* Polls the AP's stage byte for up to n spins, adding the spins to *spins;
+   returns the stage reached. */
+static u8 wait_stage(u32 apic_id, u8 want, u32 n, u32 *spins)
+{
+    volatile u8 *st = ap_stage();
+    u32 i = 0;
+    for (; i < n && st[apic_id] < want; i++)
+        __asm__ volatile("pause" ::: "memory");
+    *spins += i;
+    return st[apic_id];
+}
+
+static const char *stage_name(u8 s)
+{
+    static const char *const names[] = { "none", "real-mode", "32-bit", "long-mode" };
+    return s < 4 ? names[s] : "bad";
+}
+
+static void test_smp(void)
+{
+    if (!mp_read(&mp)) {
+        puts("guest: mptable failed\n");
+        guest_exit(EXIT_FAIL);
+    }
+    puts("guest: mptable ok\n");
+
+    /* The local APIC: globally enabled in IA32_APIC_BASE (bit 11), this CPU
+       the bootstrap processor (bit 8); enable it in software (SVR bit 8). */
+    u64 base_msr = rdmsr(MSR_APIC_BASE);
+    u32 id = lapic_rd(LAPIC_ID) >> 24;
+    puts("guest: smp apic_base_msr=");
+    put_hex(base_msr);
+    puts(" lapic_id=");
+    put_dec(id);
+    puts(" lapic_version=");
+    put_hex(lapic_rd(LAPIC_VERSION));
+    putc('\n');
+    if ((base_msr & ~0xfffull) != mp.lapic || !(base_msr & (1u << 11)) || !(base_msr & (1u << 8)) || id != mp.bsp) {
+        puts("guest: smp the local APIC is not the MP table's, not enabled, or not the bootstrap processor's\n");
+        guest_exit(EXIT_FAIL);
+    }
+    lapic_wr(LAPIC_SVR, lapic_rd(LAPIC_SVR) | 0x1ff); /* enabled, spurious vector 0xff */
+
+    /* The trampoline page: the code, then a zeroed stage byte per APIC id. */
+    u8 *page = (u8 *)(usize)AP_TRAMP_BASE;
+    __asm__("" : "+r"(page));
+    memset(page, 0, 0x1000);
+    memcpy(page, ap_tramp_start, (usize)(ap_tramp_end - ap_tramp_start));
+    __asm__ volatile("" ::: "memory");
+
+    u32 aps = 0, sipis[MP_MAX_CPUS], spins[MP_MAX_CPUS];
+    int ipi_ok = 1;
+    for (u32 i = 0; i < mp.ncpu; i++) {
+        u32 ap = mp.cpu_id[i];
+        sipis[i] = spins[i] = 0;
+        if (!(mp.cpu_flags[i] & 1) || ap == mp.bsp)
+            continue;
+        aps++;
+        lapic_wr(LAPIC_ESR, 0);
+        ipi_ok &= send_ipi(ap, ICR_INIT | ICR_ASSERT | ICR_LEVEL);
+        ipi_ok &= send_ipi(ap, ICR_INIT | ICR_LEVEL); /* de-assert */
+        spin(SPIN_AFTER_INIT);
+        /* The spec's two SIPIs; the second only if the AP is not running
+           real-mode code after the first (a running AP ignores it anyway). */
+        while (sipis[i] < 2) {
+            ipi_ok &= send_ipi(ap, ICR_STARTUP | (AP_TRAMP_BASE >> 12));
+            sipis[i]++;
+            if (wait_stage(ap, 1, SPIN_SIPI_POLL, &spins[i]) >= 1)
+                break;
+        }
+    }
+    if (!ipi_ok)
+        puts("guest: smp an IPI stayed pending (ICR delivery status busy)\n");
+
+    u32 waited = 0;
+    for (; waited < SPIN_ALL_POLL && ap_started < aps; waited++)
+        __asm__ volatile("pause" ::: "memory");
+    u32 started = ap_started;
+
+    for (u32 i = 0; i < mp.ncpu; i++) {
+        u32 ap = mp.cpu_id[i];
+        if (!(mp.cpu_flags[i] & 1) || ap == mp.bsp)
+            continue;
+        puts("guest: ap apic_id=");
+        put_dec(ap);
+        puts(" sipis=");
+        put_dec(sipis[i]);
+        puts(" spins=");
+        put_dec(spins[i]);
+        puts(" stage=");
+        puts(stage_name(ap_stage()[ap]));
+        putc('\n');
+    }
+    /* A stage byte for an APIC id the table does not list means an AP
+       that is not where the table says. */
+    u8 listed[MP_MAX_CPUS];
+    memset(listed, 0, sizeof(listed));
+    for (u32 i = 0; i < mp.ncpu; i++)
+        listed[mp.cpu_id[i]] = 1;
+    for (u32 a = 0; a < MP_MAX_CPUS; a++) {
+        if (!listed[a] && ap_stage()[a]) {
+            puts("guest: ap apic_id=");
+            put_dec(a);
+            puts(" is not in the MP table but reached stage=");
+            puts(stage_name(ap_stage()[a]));
+            putc('\n');
+        }
+    }
+    puts("guest: smp waited spins=");
+    put_dec(waited);
+    puts(" of ");
+    put_dec(SPIN_ALL_POLL);
+    putc('\n');
+    puts("guest: aps started=");
+    put_dec(started);
+    puts(" of ");
+    put_dec(aps);
+    putc('\n');
+    guest_exit(started == aps ? EXIT_OK : EXIT_FAIL);
+}
+
 /* The command line at paddr (0: none): at most MAX_CMDLINE bytes, up to its
    NUL, never past 4 GiB. */
 static usize cmdline_at(u64 paddr, const char **cmd)
@@ -756,6 +1202,10 @@ void guest_main(u64 info_paddr, u32 boot_mode)
             test_triplefault();
         if (equals(t, n, "ring3"))
             test_ring3();
+        if (equals(t, n, "cpus"))
+            test_cpus();
+        if (equals(t, n, "smp"))
+            test_smp();
         if (starts_with(t, n, "exit=")) {
             u32 status;
             if (!parse_u32(t + 5, n - 5, &status)) {
