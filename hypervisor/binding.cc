@@ -104,10 +104,12 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
       auto* msg = new Message{std::string(reinterpret_cast<const char*>(data), size), nullptr};
       if (tsfn_.NonBlockingCall(msg) != napi_ok) delete msg;
     });
-    std::thread([this] {
-      auto* msg = new Message{"", std::make_unique<skiff::MachineResult>(machine_->run())};
-      if (tsfn_.BlockingCall(msg) != napi_ok) delete msg;
-      tsfn_.Release();
+    // Once the ending is queued, JS may finish and collect this wrapper at any moment: the thread
+    // works on its own copies (the machine stays alive until the ending is delivered).
+    std::thread([machine = machine_.get(), tsfn = tsfn_]() mutable {
+      auto* msg = new Message{"", std::make_unique<skiff::MachineResult>(machine->run())};
+      if (tsfn.BlockingCall(msg) != napi_ok) delete msg;
+      tsfn.Release();
     }).detach();
     return deferred_->Promise();
   }
