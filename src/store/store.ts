@@ -48,17 +48,6 @@ export function sha256(...parts: (string | Uint8Array)[]): string {
   return h.digest('hex');
 }
 
-export async function fileSha256(file: string): Promise<string> {
-  const h = createHash('sha256');
-  const fh = await fs.open(file, 'r');
-  try {
-    for await (const chunk of fh.createReadStream()) h.update(chunk as Buffer);
-  } finally {
-    await fh.close().catch(() => {});
-  }
-  return h.digest('hex');
-}
-
 export function tempNameFor(target: string): string {
   return `${target}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
 }

@@ -3,8 +3,6 @@ import type { Readable, Writable } from 'node:stream';
 import type { ReadyMarker } from './console.js';
 import type { EngineName } from './host.js';
 
-export class MachineError extends Error {}
-
 /** How a machine ended. */
 export type MachineExit =
   /** skiff-init reported the guest command's exit status. */
