@@ -6,7 +6,7 @@
 //  2. Host time of a whole `skiff boot -- true` against QEMU's own run of the same guest, and Node's
 //     own start as the floor: interleaved runs, medians.
 // Usage: node dist/bench/boot.js [--runs N] [--host-runs N] [--no-debian] [--json FILE]
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -17,6 +17,7 @@ import { packageRoot } from '../src/paths.js';
 import { cacheDir, exists } from '../src/store/store.js';
 import { makeVmConfig, type VmConfig } from '../src/vm/config.js';
 import { qemuArgs, QEMU_BINARY, startQemu } from '../src/vm/qemu.js';
+import { median, timeProcess } from './measure.js';
 
 const execFileP = promisify(execFile);
 
@@ -26,10 +27,6 @@ interface GuestRun {
   peakRssMiB: number;
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 const fmt = (n: number, digits = 1) => n.toFixed(digits);
 
 /** Debian's stock cloud kernel, fetched with apt-get download and unpacked (never installed). */
@@ -67,17 +64,6 @@ async function guestRun(config: VmConfig): Promise<GuestRun> {
   clearInterval(sampler);
   if (!ready?.tsc || exit.kind !== 'exited' || exit.status !== 0) throw new Error(`boot failed: ${JSON.stringify(exit)}\n${machine.output.tail()}`);
   return { instructions: Number(ready.tsc), readyWallMs, peakRssMiB: peak / 1024 };
-}
-
-function timeProcess(cmd: string, args: string[]): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const start = performance.now();
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let err = '';
-    child.stderr.on('data', (d) => (err += d));
-    child.on('error', reject);
-    child.on('close', (code) => (code === 0 || (cmd === QEMU_BINARY && code === 1) ? resolve(performance.now() - start) : reject(new Error(`${cmd} exited ${code}: ${err}`))));
-  });
 }
 
 async function main() {
@@ -122,7 +108,7 @@ async function main() {
   const host = { node: [] as number[], qemu: [] as number[], skiff: [] as number[] };
   for (let i = 0; i < hostRuns; i++) {
     host.node.push(await timeProcess(process.execPath, ['-e', '0']));
-    host.qemu.push(await timeProcess(QEMU_BINARY, direct));
+    host.qemu.push(await timeProcess(QEMU_BINARY, direct, 1)); // isa-debug-exit status 0 → exit 1
     host.skiff.push(await timeProcess(process.execPath, [cli, 'boot', '--engine', 'qemu', '--kernel', kernel.vmlinux, '--', ...command]));
   }
   await fs.rm(scratch, { recursive: true, force: true });

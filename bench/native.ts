@@ -5,16 +5,12 @@
 // Then whole processes, interleaved: `skiff boot --engine native` on the same guest, QEMU microvm
 // with KVM on the same guest, and `node -e 0` as Node's own floor.
 // Usage: node dist/bench/native.js [--runs N] [--process-runs N]
-import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { packageRoot } from '../src/paths.js';
 import { loadAddon, type NativeResult } from '../src/vm/addon.js';
+import { median, timeProcess } from './measure.js';
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 const row = (name: string, xs: number[]) => `| ${name} | ${median(xs).toFixed(2)} | ${Math.min(...xs).toFixed(2)}–${Math.max(...xs).toFixed(2)} |`;
 const rssMiB = () => process.memoryUsage().rss / 2 ** 20;
 
@@ -63,23 +59,12 @@ async function wholeProcesses(kernel: string, runs: number): Promise<void> {
   ];
   const times = subjects.map(() => [] as number[]);
   for (let i = 0; i < runs; i++) {
-    for (const [j, [, cmd, args, okCode]] of subjects.entries()) times[j].push(await timed(cmd, args, okCode));
+    for (const [j, [, cmd, args, okCode]] of subjects.entries()) times[j].push(await timeProcess(cmd, args, okCode));
   }
   console.log(`\n# Whole processes, same guest (${runs} interleaved runs)\n`);
   console.log('| what | median ms | min–max ms |');
   console.log('|---|---:|---:|');
   subjects.forEach(([name], j) => console.log(row(name, times[j])));
-}
-
-function timed(cmd: string, args: string[], okCode: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const start = performance.now();
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let err = '';
-    child.stderr.on('data', (d) => (err += d));
-    child.on('error', reject);
-    child.on('close', (code) => (code === okCode ? resolve(performance.now() - start) : reject(new Error(`${cmd} exited ${code}: ${err.slice(-300)}`))));
-  });
 }
 
 main().catch((err) => {
