@@ -21,8 +21,7 @@
  * this machine's KVM emulates every ring-0 instruction (slowly).
  */
 
-#define PORT_EXIT	0xf4
-#define PORT_COM1	0x3f8
+#include "early.h"
 
 #define SEL_KCODE	0x08	/* entry.S's GDT: 64-bit kernel code */
 #define SEL_KDATA	0x10	/* entry.S's GDT: kernel data */
@@ -97,23 +96,7 @@ start_of_setup:
 	cli
 	cld
 	movw	$msg_real_mode, %si
-1:	lodsb
-	testb	%al, %al
-	jz	2f
-	movb	%al, %bl
-	movw	$(PORT_COM1 + 5), %dx
-3:	inb	%dx, %al
-	testb	$0x20, %al
-	jz	3b
-	movw	$PORT_COM1, %dx
-	movb	%bl, %al
-	outb	%al, %dx
-	jmp	1b
-2:	movl	$EXIT_BAD_ENTRY, %eax
-	movw	$PORT_EXIT, %dx
-	outl	%eax, %dx
-4:	hlt
-	jmp	4b
+	EARLY_SAY_AND_EXIT EXIT_BAD_ENTRY
 
 msg_real_mode:
 	.asciz	"guest: bzImage real-mode entry is not supported (boot through the 64-bit entry at load address + 0x200)\n"
@@ -132,23 +115,7 @@ startup_32:
 	cli
 	cld
 	movl	$msg_32bit, %esi
-1:	lodsb
-	testb	%al, %al
-	jz	2f
-	movb	%al, %bl
-	movw	$(PORT_COM1 + 5), %dx
-3:	inb	%dx, %al
-	testb	$0x20, %al
-	jz	3b
-	movw	$PORT_COM1, %dx
-	movb	%bl, %al
-	outb	%al, %dx
-	jmp	1b
-2:	movl	$EXIT_BAD_ENTRY, %eax
-	movw	$PORT_EXIT, %dx
-	outl	%eax, %dx
-4:	hlt
-	jmp	4b
+	EARLY_SAY_AND_EXIT EXIT_BAD_ENTRY
 
 	/* load + 0x200: the 64-bit entry. */
 	.org	0x200

@@ -15,8 +15,7 @@
  * page tables are built by the assembler, not by a loop at run time.
  */
 
-#define PORT_EXIT	0xf4
-#define PORT_COM1	0x3f8
+#include "early.h"
 
 #define SEL_KCODE	0x08	/* 64-bit kernel code */
 #define SEL_KDATA	0x10	/* kernel data */
@@ -94,24 +93,7 @@ pvh_entry:
 
 no_long_mode:
 	movl	$msg_no_long_mode, %esi
-1:	lodsb
-	testb	%al, %al
-	jz	2f
-	movb	%al, %bl
-	movw	$(PORT_COM1 + 5), %dx
-3:	inb	%dx, %al
-	testb	$0x20, %al
-	jz	3b
-	movw	$PORT_COM1, %dx
-	movb	%bl, %al
-	outb	%al, %dx
-	jmp	1b
-2:	movl	$4, %eax
-	movw	$PORT_EXIT, %dx
-	outl	%eax, %dx
-4:	cli
-	hlt
-	jmp	4b
+	EARLY_SAY_AND_EXIT 4
 
 /* ------------------------------------------------------------------------ */
 	.code64
