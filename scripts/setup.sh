@@ -12,6 +12,8 @@ packages=(
   cmake
   # guest userland and the QEMU engine
   busybox-static qemu-system-x86
+  # virtio device fuzzing (npm run fuzz): clang with libFuzzer and the sanitizer runtimes
+  clang libclang-rt-14-dev
 )
 missing=()
 for p in "${packages[@]}"; do
