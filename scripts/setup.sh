@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   # kernel build
-  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils cpio
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils lz4 cpio
   # addon build
   cmake
   # guest userland and the QEMU engine

@@ -402,3 +402,45 @@ async function writeAll(fh: FileHandle, buf: Buffer): Promise<void> {
     off += bytesWritten;
   }
 }
+
+export interface CpioListing {
+  path: string;
+  kind: 'file' | 'dir' | 'symlink' | 'char' | 'block' | 'fifo' | 'socket' | 'other';
+  mode: number;
+  size: number;
+}
+
+const KIND_BY_TYPE = new Map<number, CpioListing['kind']>([
+  [S_IFREG, 'file'], [S_IFDIR, 'dir'], [S_IFLNK, 'symlink'], [S_IFCHR, 'char'], [S_IFBLK, 'block'], [S_IFIFO, 'fifo'], [0o140000, 'socket'],
+]);
+
+/**
+ * Lists a newc archive (what `skiff inspect` shows of an initrd). The bytes may come from an image
+ * someone else built, so every header field and size is checked against the buffer.
+ */
+export function listCpio(bytes: Uint8Array): CpioListing[] {
+  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out: CpioListing[] = [];
+  let off = 0;
+  for (;;) {
+    if (off + HEADER_LEN > buf.length) throw new CpioError(`cpio archive ends inside a header at byte ${off}`);
+    const magic = buf.toString('latin1', off, off + 6);
+    if (magic !== MAGIC) throw new CpioError(`not a newc cpio archive: bad magic at byte ${off}`);
+    const field = (i: number): number => {
+      const text = buf.toString('latin1', off + 6 + 8 * i, off + 14 + 8 * i);
+      if (!/^[0-9a-fA-F]{8}$/.test(text)) throw new CpioError(`cpio header at byte ${off}: field ${i} is not hex`);
+      return parseInt(text, 16);
+    };
+    const mode = field(1);
+    const filesize = field(6);
+    const namesize = field(11);
+    const nameStart = off + HEADER_LEN;
+    if (namesize === 0 || namesize > PATH_MAX || nameStart + namesize > buf.length) throw new CpioError(`cpio header at byte ${off}: bad name size ${namesize}`);
+    const name = buf.toString('utf8', nameStart, nameStart + namesize - 1);
+    const dataStart = nameStart + namesize + padTo(HEADER_LEN + namesize, 4);
+    if (name === 'TRAILER!!!') return out;
+    if (dataStart + filesize > buf.length) throw new CpioError(`cpio entry ${name}: ${filesize} bytes of data run past the end of the archive`);
+    out.push({ path: name, kind: KIND_BY_TYPE.get(mode & S_IFMT) ?? 'other', mode: mode & 0o7777, size: filesize });
+    off = dataStart + filesize + padTo(filesize, 4);
+  }
+}
