@@ -12,6 +12,10 @@
 // and, when present, a virtio serial port named "skiff.status" receives "exit N\n" first, because
 // isa-debug-exit can only carry 7 bits of status through QEMU's process exit code.
 //
+// An image built by `skiff build` may carry /etc/skiff/onboot and /etc/skiff/services: one command
+// per line, encoded like skiff.cmd. onboot commands run first, in order, and each must succeed;
+// services are then started and restarted whenever they end, for as long as the guest runs.
+//
 // Everything read from the command line is treated as untrusted text: lengths are bounded and a
 // malformed value is reported, never acted on.
 #define _GNU_SOURCE
@@ -36,6 +40,8 @@
 
 #define CMDLINE_MAX 4096
 #define MAX_ARGS 256
+#define MAX_SERVICES 32
+#define COMMANDS_FILE_MAX 65536
 
 static void say(const char *fmt, ...) {
   char buf[512];
@@ -178,19 +184,113 @@ static pid_t spawn(char **argv, int interactive) {
   _exit(err == ENOENT ? 127 : 126);
 }
 
-// Waits for the main child while reaping every other process that ends (PID 1's duty).
+struct service {
+  char **argv;
+  pid_t pid;
+  double started;
+};
+static struct service services[MAX_SERVICES];
+static int service_count;
+
+static void start_service(struct service *svc) {
+  svc->started = uptime_seconds();
+  svc->pid = spawn(svc->argv, 0);
+}
+
+// A service that ended is started again; one that keeps failing at once is held back a second each
+// time, so a broken service cannot take the guest's whole CPU.
+static void restart_if_service(pid_t pid, int st) {
+  for (int i = 0; i < service_count; i++) {
+    if (services[i].pid != pid) continue;
+    int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    say("skiff-init: service %s ended with status %d; restarting it\n", services[i].argv[0], code);
+    if (uptime_seconds() - services[i].started < 1.0) sleep(1);
+    start_service(&services[i]);
+    return;
+  }
+}
+
+// Waits for the main child while reaping every other process that ends (PID 1's duty) and
+// restarting services. With main_pid 0 it waits for as long as the guest runs.
 static int wait_for(pid_t main_pid) {
   for (;;) {
     int st;
     pid_t pid = wait(&st);
     if (pid < 0) {
       if (errno == EINTR) continue;
+      if (errno == ECHILD && main_pid == 0) {
+        pause();
+        continue;
+      }
       return 125;
     }
-    if (pid != main_pid) continue;
+    if (pid != main_pid) {
+      restart_if_service(pid, st);
+      continue;
+    }
     if (WIFEXITED(st)) return WEXITSTATUS(st);
     if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
   }
+}
+
+// Reads a commands file (one skiff.cmd-encoded command per line) into argv arrays. Returns the
+// number of commands, or -1 (said) if the file is malformed.
+static int read_commands(const char *path, char ***out, int max) {
+  static char text[2][COMMANDS_FILE_MAX];
+  static int used;
+  if (used == 2) return -1;
+  char *buf = text[used++];
+  size_t len = read_file(path, buf, COMMANDS_FILE_MAX);
+  if (len == 0) return 0;
+  if (len + 1 >= COMMANDS_FILE_MAX) {
+    say("skiff-init: %s is larger than %d bytes\n", path, COMMANDS_FILE_MAX - 2);
+    return -1;
+  }
+  int count = 0;
+  for (char *line = buf; *line;) {
+    char *nl = strchr(line, '\n');
+    size_t n = nl ? (size_t)(nl - line) : strlen(line);
+    if (n > 0) {
+      if (count == max) {
+        say("skiff-init: %s has more than %d commands\n", path, max);
+        return -1;
+      }
+      char *decoded = malloc(n / 2 + 1);
+      char **argv = malloc(sizeof(char *) * (MAX_ARGS + 1));
+      if (!decoded || !argv || decode_cmd(line, n, decoded, n / 2 + 1, argv) <= 0) {
+        say("skiff-init: %s: command %d is malformed\n", path, count + 1);
+        return -1;
+      }
+      out[count++] = argv;
+    }
+    if (!nl) break;
+    line = nl + 1;
+  }
+  return count;
+}
+
+// Runs the image's onboot commands in order and starts its services. Returns 0, or the status to
+// end the guest with.
+static int run_image_commands(void) {
+  static char **onboot[MAX_SERVICES], **svc_argv[MAX_SERVICES];
+  int n = read_commands("/etc/skiff/onboot", onboot, MAX_SERVICES);
+  if (n < 0) return 125;
+  for (int i = 0; i < n; i++) {
+    pid_t pid = spawn(onboot[i], 0);
+    int status = pid < 0 ? 125 : wait_for(pid);
+    if (status != 0) {
+      say("skiff-init: onboot command %s failed with status %d\n", onboot[i][0], status);
+      return 125;
+    }
+  }
+  int m = read_commands("/etc/skiff/services", svc_argv, MAX_SERVICES);
+  if (m < 0) return 125;
+  for (int i = 0; i < m; i++) {
+    services[i].argv = svc_argv[i];
+    start_service(&services[i]);
+    service_count = i + 1;
+  }
+  return 0;
 }
 
 static void drain_console(void) {
@@ -290,6 +390,12 @@ int main(int argc, char **argv) {
   }
 
   say("skiff-init: ready %.6f %llu\n", uptime_seconds(), read_tsc());
+  int failed = run_image_commands();
+  if (failed) end_guest(cmdline, failed);
+  // An image that runs services and has no shell keeps running them until the host stops it.
+  if (interactive && service_count > 0 && access(run_argv[0], X_OK) != 0) {
+    wait_for(0);
+  }
   pid_t pid = spawn(run_argv, interactive);
   int status = pid < 0 ? 125 : wait_for(pid);
   end_guest(cmdline, status);
