@@ -383,6 +383,29 @@ function checkCmdline(cmdline: string): Uint8Array {
   return Buffer.from(cmdline, 'latin1');
 }
 
+// Linux x86 boot protocol (Documentation/arch/x86/boot.rst): the setup header of a bzImage.
+const BOOT_FLAG_OFFSET = 0x1fe;
+const SETUP_MAGIC_OFFSET = 0x202;
+const SETUP_VERSION_OFFSET = 0x206;
+const XLOADFLAGS_OFFSET = 0x236;
+const XLF_EFI_HANDOVER_64 = 1 << 3;
+
+// systemd 252 starts the kernel either as a PE image of its own (a bzImage built with
+// CONFIG_EFI_STUB starts with "MZ") or through the EFI handover entry; a vmlinux ELF or a kernel
+// without the EFI stub would give a UKI that boots nowhere, so it is refused here.
+function checkKernel(linux: Uint8Array): void {
+  const view = new DataView(linux.buffer, linux.byteOffset, linux.byteLength);
+  if (linux.length < 0x240 || view.getUint16(BOOT_FLAG_OFFSET, true) !== 0xaa55 || view.getUint32(SETUP_MAGIC_OFFSET, true) !== 0x53726448) {
+    const elf = linux.length >= 4 && linux[0] === 0x7f && linux[1] === 0x45 && linux[2] === 0x4c && linux[3] === 0x46;
+    throw new UkiError(`the kernel is not a bzImage (no "HdrS" setup header${elf ? '; it is an ELF file, probably vmlinux' : ''}): a UKI's .linux must be a bzImage`);
+  }
+  const hasPe = linux[0] === 0x4d && linux[1] === 0x5a;
+  const handover = view.getUint16(SETUP_VERSION_OFFSET, true) >= 0x20c && (view.getUint16(XLOADFLAGS_OFFSET, true) & XLF_EFI_HANDOVER_64) !== 0;
+  if (!hasPe && !handover) {
+    throw new UkiError('the kernel has no EFI stub (build it with CONFIG_EFI=y and CONFIG_EFI_STUB=y): systemd-stub cannot start it');
+  }
+}
+
 interface NewSection {
   name: PayloadName;
   data: Uint8Array;
@@ -424,6 +447,7 @@ export function buildUki(stubBytes: Uint8Array, options: Omit<UkiOptions, 'stub'
     if (UKI_SINGLETONS.has(s.name) || s.name === '.profile') throw new UkiError(`the EFI stub already has a ${s.name} section: it is a UKI, not a stub`);
   }
   if (!options.linux || options.linux.length === 0) throw new UkiError('the kernel (.linux) is empty');
+  checkKernel(options.linux);
 
   const payload: Record<PayloadName, Uint8Array | undefined> = {
     '.osrel': options.osrel ? checkText('.osrel', options.osrel) : undefined,
@@ -468,7 +492,7 @@ export function buildUki(stubBytes: Uint8Array, options: Omit<UkiOptions, 'stub'
   const sizeOfHeaders = Math.max(pe.sizeOfHeaders, alignUp(tableEnd, pe.fileAlignment));
   const headerRoom = Math.min(
     ...pe.sections.filter((s) => s.rawSize > 0).map((s) => s.rawOffset),
-    ...pe.sections.map((s) => s.virtualAddress),
+    ...pe.sections.filter((s) => memorySize(s) > 0).map((s) => s.virtualAddress),
   );
   if (sizeOfHeaders > headerRoom) {
     throw new UkiError(
