@@ -7,6 +7,7 @@
 #include <string>
 #include <thread>
 
+#include "devices/doorbell_test.h"
 #include "probe.h"
 #include "vmm/machine.h"
 
@@ -81,6 +82,17 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
     }
     config_.cpus = static_cast<uint32_t>(cpus);
     config_.memoryBytes = static_cast<uint64_t>(mib) << 20;
+    // Test knobs, not part of a VM's configuration: the doorbell test device (devices/doorbell_test.h),
+    // and doing doorbells and interrupt lines in the VMM even where the backend could.
+    auto flag = [&](const char* key) {
+      Napi::Value v = o.Get(key);
+      if (v.IsUndefined()) return false;
+      if (!v.IsBoolean()) Napi::TypeError::New(env, std::string("Machine config: ") + key + " must be a boolean").ThrowAsJavaScriptException();
+      return v.IsBoolean() && v.As<Napi::Boolean>().Value();
+    };
+    if (flag("doorbellTest")) config_.devices.push_back(skiff::attachDoorbellTest);
+    config_.emulateDoorbells = flag("emulateDoorbells");
+    config_.emulateInterruptLines = flag("emulateInterruptLines");
   }
 
  private:
@@ -97,13 +109,18 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
     }
     started_ = true;
     deferred_ = std::make_unique<Napi::Promise::Deferred>(env);
+    try {
+      machine_ = std::make_unique<skiff::Machine>(config_, [this](const uint8_t* data, size_t size) {
+        auto* msg = new Message{std::string(reinterpret_cast<const char*>(data), size), nullptr};
+        if (tsfn_.NonBlockingCall(msg) != napi_ok) delete msg;
+      });
+    } catch (const std::exception& e) {  // the OS refused the machine's event loop
+      deferred_->Reject(Napi::Error::New(env, e.what()).Value());
+      return deferred_->Promise();
+    }
     tsfn_ = MachineTsfn::New(env, info[0].As<Napi::Function>(), "skiff-machine", 0, 1, this);
     Ref();  // the wrapper must outlive the machine thread
 
-    machine_ = std::make_unique<skiff::Machine>(config_, [this](const uint8_t* data, size_t size) {
-      auto* msg = new Message{std::string(reinterpret_cast<const char*>(data), size), nullptr};
-      if (tsfn_.NonBlockingCall(msg) != napi_ok) delete msg;
-    });
     // Once the ending is queued, JS may finish and collect this wrapper at any moment: the thread
     // works on its own copies (the machine stays alive until the ending is delivered).
     std::thread([machine = machine_.get(), tsfn = tsfn_]() mutable {
@@ -124,6 +141,7 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
     o.Set("rip", Napi::BigInt::New(env, static_cast<uint64_t>(r.rip)));
     o.Set("setupMs", r.setupMs);
     o.Set("runMs", r.runMs);
+    o.Set("events", r.events);
     deferred_->Resolve(o);
     Unref();
   }

@@ -4,8 +4,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
+
+#include "loop/event_loop.h"
 
 namespace skiff {
 
@@ -63,6 +66,26 @@ class Vm {
   virtual std::unique_ptr<Vcpu> createVcpu(uint32_t id) = 0;
   // Drives interrupt line `line` of the VM's interrupt controller.
   virtual void setIrqLine(uint32_t line, bool level) = 0;
+
+  // The two fast paths of a paravirtual device, done inside the hypervisor where it can:
+  // I/O event: when the guest writes `size` bytes (1, 2, 4 or 8) at MMIO address `addr` (and,
+  // with `match`, the value written equals it), signal `notifier` and resume the guest at once,
+  // with no exit to the VMM. IRQ event: whenever `notifier` is signalled, pulse interrupt `line`.
+  // A backend that cannot throws HypervisorError (the default); the machine then does the same
+  // work itself, in its exit handler and on its event loop (vmm/machine.cc). Remove before the
+  // notifier is destroyed.
+  virtual void addIoEvent(uint64_t addr, uint32_t size, std::optional<uint64_t> match, const EventNotifier& notifier) {
+    (void)addr, (void)size, (void)match, (void)notifier;
+    throw HypervisorError("I/O events are not offered by this backend");
+  }
+  virtual void removeIoEvent(uint64_t addr, uint32_t size, std::optional<uint64_t> match, const EventNotifier& notifier) {
+    (void)addr, (void)size, (void)match, (void)notifier;
+  }
+  virtual void addIrqEvent(uint32_t line, const EventNotifier& notifier) {
+    (void)line, (void)notifier;
+    throw HypervisorError("IRQ events are not offered by this backend");
+  }
+  virtual void removeIrqEvent(uint32_t line, const EventNotifier& notifier) { (void)line, (void)notifier; }
 };
 
 class Hypervisor {

@@ -1,28 +1,47 @@
 // Runs one machine from the command line with the plain C++ core, no Node: for debugging and for
 // the sanitizer test (test/native-asan.test.ts builds this with ASan and UBSan).
-//   vmm-run KERNEL [CMDLINE] [CPUS] [INITRD]
-// Prints the console, then one line: "[result kind=K status=S detail=D]".
+//   vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] KERNEL [CMDLINE] [CPUS] [INITRD]
+// --stdin: stdin is the guest's console input, read on the machine's event loop.
+// --doorbell-test: attach the doorbell test device (devices/doorbell_test.h).
+// --emulate-doorbells, --emulate-irqs: the VMM does doorbells (interrupt lines) even where the
+// backend could.
+// Prints the console, then one line: "[result kind=K status=S detail=D events=E]".
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
+#include "devices/doorbell_test.h"
 #include "vmm/machine.h"
 
 int main(int argc, char** argv) {
-  if (argc < 2) {
-    std::fprintf(stderr, "usage: vmm-run KERNEL [CMDLINE] [CPUS] [INITRD]\n");
+  skiff::MachineConfig config;
+  int i = 1;
+  for (; i < argc && std::strncmp(argv[i], "--", 2) == 0; i++) {
+    if (std::strcmp(argv[i], "--stdin") == 0) config.consoleInput = STDIN_FILENO;
+    else if (std::strcmp(argv[i], "--doorbell-test") == 0) config.devices.push_back(skiff::attachDoorbellTest);
+    else if (std::strcmp(argv[i], "--emulate-doorbells") == 0) config.emulateDoorbells = true;
+    else if (std::strcmp(argv[i], "--emulate-irqs") == 0) config.emulateInterruptLines = true;
+    else break;
+  }
+  if (i >= argc) {
+    std::fprintf(stderr, "usage: vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] KERNEL [CMDLINE] [CPUS] [INITRD]\n");
     return 2;
   }
-  skiff::MachineConfig config;
-  config.kernelPath = argv[1];
-  config.cmdline = argc > 2 ? argv[2] : "";
-  config.cpus = argc > 3 ? static_cast<uint32_t>(std::atoi(argv[3])) : 1;
+  config.kernelPath = argv[i];
+  config.cmdline = argc > i + 1 ? argv[i + 1] : "";
+  config.cpus = argc > i + 2 ? static_cast<uint32_t>(std::atoi(argv[i + 2])) : 1;
   if (config.cpus < 1 || config.cpus > 64) config.cpus = 1;
   config.memoryBytes = 32ull << 20;
-  if (argc > 4) config.initrdPath = argv[4];
-  skiff::Machine machine(config, [](const uint8_t* data, size_t size) { std::fwrite(data, 1, size, stdout); });
+  if (argc > i + 3) config.initrdPath = argv[i + 3];
+  skiff::Machine machine(config, [](const uint8_t* data, size_t size) {
+    std::fwrite(data, 1, size, stdout);
+    std::fflush(stdout);
+  });
   skiff::MachineResult r = machine.run();
   const char* kinds[] = {"exited", "reset", "shutdown", "killed", "error"};
-  std::printf("\n[result kind=%s status=%u detail=%s]\n", kinds[static_cast<int>(r.kind)], r.status, r.detail.c_str());
+  std::printf("\n[result kind=%s status=%u detail=%s events=%s]\n", kinds[static_cast<int>(r.kind)], r.status, r.detail.c_str(), r.events.c_str());
   return 0;
 }

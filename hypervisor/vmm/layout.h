@@ -39,6 +39,24 @@ constexpr uint64_t kInitrdCeiling = kMmioHoleStart;
 
 constexpr uint64_t kPageSize = 0x1000;
 
+// virtio-mmio devices: one page of 0x200-byte slots at the start of the MMIO hole (below the
+// IO-APIC and local APIC pages), as Firecracker places its devices. Slot i is at
+// kVirtioMmioBase + i * kVirtioMmioSlotSize and raises IO-APIC pin kVirtioIrqFirst + i: pins
+// 16-23, which the MP table (mptable.cc) routes like every other pin (edge, active high), and
+// which no ISA device uses (timer 0, COM1 4, and what a kernel probes for: 1, 8, 12, 14, 15), so a
+// guest never shares them. The kernel learns each from virtio_mmio.device=0x200@BASE:IRQ.
+constexpr uint64_t kVirtioMmioBase = 0xd0000000;
+constexpr uint64_t kVirtioMmioSlotSize = 0x200;
+constexpr uint32_t kVirtioMmioSlots = 8;
+constexpr uint32_t kVirtioIrqFirst = 16;
+static_assert(kVirtioIrqFirst + kVirtioMmioSlots <= kIoApicPins, "a virtio IRQ beyond the IO-APIC's pins");
+static_assert(kVirtioMmioBase >= kMmioHoleStart && kVirtioMmioBase + kVirtioMmioSlots * kVirtioMmioSlotSize <= kIoApic, "virtio-mmio window outside the MMIO hole");
+constexpr uint64_t virtioMmioSlot(uint32_t i) { return kVirtioMmioBase + uint64_t(i) * kVirtioMmioSlotSize; }
+constexpr uint32_t virtioIrq(uint32_t i) { return kVirtioIrqFirst + i; }
+// The doorbell test device (devices/doorbell_test.h), only when a test asks for it: the last
+// slot, so virtio devices keep slots from 0.
+constexpr uint32_t kDoorbellTestSlot = kVirtioMmioSlots - 1;
+
 // I/O ports and interrupt lines.
 constexpr uint16_t kSerialPort = 0x3f8;       // COM1, 8 registers
 constexpr uint32_t kSerialIrq = 4;

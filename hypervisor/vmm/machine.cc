@@ -1,5 +1,8 @@
 #include "vmm/machine.h"
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -32,8 +35,45 @@ std::string hex(uint64_t v) {
 
 }  // namespace
 
-Machine::Machine(MachineConfig config, ConsoleOutput console) : config_(std::move(config)), console_(std::move(console)) {
-  // The UART exists from the start so that console input sent before boot is kept for the guest.
+// A doorbell: the backend signals the notifier itself, or (emulated) the exit handler does on a
+// matching MMIO write. Either way the device's handler runs on the event loop.
+class Machine::MachineDoorbell final : public Doorbell {
+ public:
+  MachineDoorbell(uint64_t addr, uint32_t size, std::optional<uint64_t> match) : addr_(addr), size_(size), match_(match) {}
+  EventPath path() const override { return path_; }
+  // The backend's rule (KVM_IOEVENTFD): the same address and length, and the value if matched.
+  bool matches(uint64_t addr, const uint8_t* data, uint32_t size) const {
+    if (addr != addr_ || size != size_) return false;
+    if (!match_) return true;
+    uint64_t value = 0;
+    std::memcpy(&value, data, size);  // size is 1, 2, 4 or 8; x86 is little-endian
+    return value == *match_;
+  }
+
+  uint64_t addr_;
+  uint32_t size_;
+  std::optional<uint64_t> match_;
+  EventNotifier notifier_;
+  EventPath path_ = EventPath::Emulated;
+};
+
+// An interrupt line: trigger() signals the notifier; the backend pulses the line itself, or
+// (emulated) the event loop does.
+class Machine::MachineInterruptLine final : public InterruptLine {
+ public:
+  explicit MachineInterruptLine(uint32_t line) : line_(line) {}
+  void trigger() override { notifier_.signal(); }
+  uint32_t line() const override { return line_; }
+  EventPath path() const override { return path_; }
+
+  uint32_t line_;
+  EventNotifier notifier_;
+  EventPath path_ = EventPath::Emulated;
+};
+
+Machine::Machine(MachineConfig config, ConsoleOutput console) : config_(std::move(config)), console_(std::move(console)), cmdline_(config_.cmdline) {
+  // The loop exists from the start so that console input sent before boot is kept for the guest.
+  loop_ = EventLoop::create([this](const std::string& message) { requestStop(MachineResult::Kind::Error, 0, "device event loop: " + message); });
   serial_ = std::make_unique<Serial>(console_, [this] {
     if (Vm* vm = irqVm_.load(std::memory_order_acquire)) {
       vm->setIrqLine(layout::kSerialIrq, true);
@@ -42,7 +82,33 @@ Machine::Machine(MachineConfig config, ConsoleOutput console) : config_(std::mov
   });
 }
 
-Machine::~Machine() = default;
+Machine::~Machine() { teardown(); }
+
+// Stops the event loop before freeing anything its handlers touch, then undoes the backend's
+// doorbells and lines, then the VM. Idempotent; vCPU threads have ended when it runs.
+void Machine::teardown() {
+  stopping_.store(true, std::memory_order_release);
+  loop_->stop();
+  irqVm_.store(nullptr, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(vcpusMu_);
+    vcpus_.clear();
+  }
+  if (vm_) {
+    for (auto& d : doorbells_) {
+      if (d->path_ == EventPath::Backend) vm_->removeIoEvent(d->addr_, d->size_, d->match_, d->notifier_);
+    }
+    for (auto& l : lines_) {
+      if (l->path_ == EventPath::Backend) vm_->removeIrqEvent(l->line_, l->notifier_);
+    }
+  }
+  bus_.clear();
+  doorbells_.clear();
+  lines_.clear();
+  vm_.reset();
+  memory_.reset();
+  hypervisor_.reset();
+}
 
 void Machine::requestStop(MachineResult::Kind kind, uint32_t status, const std::string& detail, uint64_t rip) {
   {
@@ -62,7 +128,105 @@ void Machine::requestStop(MachineResult::Kind kind, uint32_t status, const std::
 
 void Machine::kill() { requestStop(MachineResult::Kind::Killed, 0, "killed"); }
 
-void Machine::consoleInput(const uint8_t* data, size_t size) { serial_->input(data, size); }
+void Machine::consoleInput(const uint8_t* data, size_t size) {
+  if (size == 0) return;
+  std::vector<uint8_t> bytes(data, data + size);
+  // Dropped if the machine has ended: there is no guest to read it.
+  loop_->post([this, bytes = std::move(bytes)] { serial_->input(bytes.data(), bytes.size()); });
+}
+
+// vmm-run's stdin: read on the event loop, straight into the UART.
+void Machine::watchConsoleInput(IoHandle h) {
+  loop_->add(h, kReadable, [this, h](uint32_t) {
+    uint8_t buf[4096];
+    ssize_t n = read(h, buf, sizeof buf);
+    if (n > 0) {
+      serial_->input(buf, static_cast<size_t>(n));
+    } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+      loop_->remove(h);  // end of input: the guest just sees no more bytes
+    }
+  });
+}
+
+void Machine::addMmio(uint64_t base, uint64_t size, std::shared_ptr<MmioDevice> device) {
+  // Nothing may shadow RAM or the APICs the guest relies on.
+  bool inRam = false;
+  for (const auto& r : memory_->regions()) inRam = inRam || (base < r.gpa + r.size && r.gpa < base + size);
+  auto hits = [&](uint64_t page) { return base < page + layout::kPageSize && page < base + size; };
+  if (inRam || hits(layout::kIoApic) || hits(layout::kLocalApic) || base + size < base) {
+    throw HypervisorError("MMIO range at " + hex(base) + " overlaps guest RAM or an APIC");
+  }
+  bus_.add(base, size, std::move(device));
+}
+
+Doorbell& Machine::addDoorbell(uint64_t addr, uint32_t size, std::optional<uint64_t> match, std::function<void(uint64_t)> onRing) {
+  if (size != 1 && size != 2 && size != 4 && size != 8) throw HypervisorError("doorbell at " + hex(addr) + ": size must be 1, 2, 4 or 8");
+  if (!bus_.covers(addr, size)) throw HypervisorError("doorbell at " + hex(addr) + " is outside every device's MMIO range");
+  if (match && size < 8 && (*match >> (8 * size)) != 0) throw HypervisorError("doorbell at " + hex(addr) + ": match value wider than the access");
+  for (const auto& d : doorbells_) {
+    if (d->addr_ == addr && (!d->match_ || !match || *d->match_ == *match)) throw HypervisorError("doorbell at " + hex(addr) + " added twice");
+  }
+  auto bell = std::make_unique<MachineDoorbell>(addr, size, match);
+  MachineDoorbell* b = bell.get();
+  if (!config_.emulateDoorbells) {
+    try {
+      vm_->addIoEvent(addr, size, match, b->notifier_);
+      b->path_ = EventPath::Backend;
+    } catch (const HypervisorError& e) {
+      eventFallback_ = e.what();
+    }
+  }
+  loop_->add(b->notifier_.handle(), kReadable, [b, onRing = std::move(onRing)](uint32_t) {
+    if (uint64_t rings = b->notifier_.drain()) onRing(rings);
+  });
+  doorbells_.push_back(std::move(bell));
+  return *b;
+}
+
+InterruptLine& Machine::interruptLine(uint32_t line) {
+  if (line >= layout::kIoApicPins || line == layout::kSerialIrq) throw HypervisorError("interrupt line " + std::to_string(line) + " is not free");
+  for (const auto& l : lines_) {
+    if (l->line_ == line) throw HypervisorError("interrupt line " + std::to_string(line) + " taken twice");
+  }
+  auto irq = std::make_unique<MachineInterruptLine>(line);
+  MachineInterruptLine* l = irq.get();
+  if (!config_.emulateInterruptLines) {
+    try {
+      vm_->addIrqEvent(line, l->notifier_);
+      l->path_ = EventPath::Backend;
+    } catch (const HypervisorError& e) {
+      eventFallback_ = e.what();
+    }
+  }
+  if (l->path_ == EventPath::Emulated) {
+    Vm* vm = vm_.get();
+    loop_->add(l->notifier_.handle(), kReadable, [l, vm](uint32_t) {
+      // Signals that arrive together make one edge, as the backend's irqfd would.
+      if (l->notifier_.drain()) {
+        vm->setIrqLine(l->line_, true);
+        vm->setIrqLine(l->line_, false);
+      }
+    });
+  }
+  lines_.push_back(std::move(irq));
+  return *l;
+}
+
+void Machine::appendCmdline(const std::string& words) {
+  if (!words.empty()) cmdline_ += (cmdline_.empty() ? "" : " ") + words;
+}
+
+std::string Machine::eventsSummary() const {
+  if (doorbells_.empty() && lines_.empty()) return "";
+  int bells[2] = {0, 0}, irqs[2] = {0, 0};
+  for (const auto& d : doorbells_) bells[d->path_ == EventPath::Backend ? 0 : 1]++;
+  for (const auto& l : lines_) irqs[l->path_ == EventPath::Backend ? 0 : 1]++;
+  std::string s = "doorbells backend=" + std::to_string(bells[0]) + " emulated=" + std::to_string(bells[1]) + "; interrupt lines backend=" + std::to_string(irqs[0]) +
+                  " emulated=" + std::to_string(irqs[1]);
+  if (config_.emulateDoorbells || config_.emulateInterruptLines) s += "; emulation asked for";
+  if (!eventFallback_.empty()) s += "; the backend refused: " + eventFallback_;
+  return s;
+}
 
 void Machine::portIo(uint16_t port, uint8_t* data, uint32_t size, bool write) {
   if (port >= layout::kSerialPort && port < layout::kSerialPort + 8) {
@@ -93,8 +257,19 @@ void Machine::portIo(uint16_t port, uint8_t* data, uint32_t size, bool write) {
   if (!write) std::memset(data, 0xff, size);
 }
 
-void Machine::mmio(uint64_t, uint8_t* data, uint32_t size, bool write) {
-  if (!write) std::memset(data, 0xff, size);
+void Machine::mmio(uint64_t addr, uint8_t* data, uint32_t size, bool write) {
+  if (write) {
+    // The emulated doorbells: what the backend would have done without this exit.
+    for (const auto& d : doorbells_) {
+      if (d->path_ == EventPath::Emulated && d->matches(addr, data, size)) {
+        d->notifier_.signal();
+        return;
+      }
+    }
+    if (bus_.write(addr, data, size)) return;
+    return;  // nothing here: writes vanish
+  }
+  if (!bus_.read(addr, data, size)) std::memset(data, 0xff, size);
 }
 
 MachineResult Machine::boot() {
@@ -102,22 +277,25 @@ MachineResult Machine::boot() {
   std::vector<uint8_t> kernel = readFile("kernel", config_.kernelPath);
   std::vector<uint8_t> initrd = config_.initrdPath.empty() ? std::vector<uint8_t>() : readFile("initrd", config_.initrdPath);
 
-  // The recipe: hypervisor, memory, kernel (PVH for an ELF vmlinux, else the 64-bit boot
-  // protocol for a bzImage), initrd, boot info, vCPU.
+  // The recipe: hypervisor, memory, devices (they may add to the command line), kernel (PVH for
+  // an ELF vmlinux, else the 64-bit boot protocol for a bzImage), initrd, boot info, vCPUs.
   hypervisor_ = openHypervisor();
   vm_ = hypervisor_->createVm(config_.cpus);
-  GuestMemory memory(config_.memoryBytes);
+  memory_ = std::make_unique<GuestMemory>(config_.memoryBytes);
+  const GuestMemory& memory = *memory_;
   uint32_t slot = 0;
   for (const auto& r : memory.regions()) vm_->mapMemory(slot++, r.gpa, r.host, r.size);
+  irqVm_.store(vm_.get(), std::memory_order_release);
+  for (const auto& attach : config_.devices) attach(*this);
+  if (config_.consoleInput >= 0) watchConsoleInput(config_.consoleInput);
   BootCpuState cpu;
   if (isElf(kernel)) {
     LoadedKernel loaded = loadPvhElf(kernel, memory);
-    cpu = writePvhBootInfo(memory, loaded, config_.cmdline, placeInitrd(initrd, memory, loaded.end));
+    cpu = writePvhBootInfo(memory, loaded, cmdline_, placeInitrd(initrd, memory, loaded.end));
   } else {
     LoadedBzImage image = loadBzImage(kernel, memory);
-    cpu = writeBzImageBootInfo(memory, image, config_.cmdline, placeInitrd(initrd, memory, image.kernel.end, image.initrdCeiling));
+    cpu = writeBzImageBootInfo(memory, image, cmdline_, placeInitrd(initrd, memory, image.kernel.end, image.initrdCeiling));
   }
-  irqVm_.store(vm_.get(), std::memory_order_release);
   writeMpTable(memory, config_.cpus);
   {
     std::lock_guard<std::mutex> lock(vcpusMu_);
@@ -140,6 +318,7 @@ MachineResult Machine::boot() {
   std::lock_guard<std::mutex> lock(resultMu_);
   result_.setupMs = setupMs;
   result_.runMs = msSince(running);
+  result_.events = eventsSummary();
   return result_;
 }
 
@@ -173,14 +352,17 @@ void Machine::onVcpuStop(uint32_t id, const VcpuStop& stop) {
 }
 
 MachineResult Machine::run() {
+  MachineResult r;
   try {
-    return boot();
+    r = boot();
   } catch (const std::exception& e) {
-    MachineResult r;
+    r = MachineResult();
     r.kind = MachineResult::Kind::Error;
     r.detail = e.what();
-    return r;
   }
+  // A device's handler may have failed while the vCPUs ran: that ending wins if it came first.
+  teardown();
+  return r;
 }
 
 }  // namespace skiff

@@ -11,6 +11,8 @@ export interface NativeResult {
   /** Host milliseconds from the config to the first KVM_RUN, and from there to the end. */
   setupMs: number;
   runMs: number;
+  /** How device doorbells and interrupt lines were carried out (backend or emulated), '' if none. */
+  events: string;
 }
 
 export interface NativeMachineHandle {
@@ -19,9 +21,22 @@ export interface NativeMachineHandle {
   kill(): void;
 }
 
+export interface NativeMachineConfig {
+  kernel: string;
+  initrd?: string;
+  cmdline: string;
+  cpus: number;
+  memoryMiB: number;
+  /** Tests: attach the doorbell test device (hypervisor/devices/doorbell_test.h). */
+  doorbellTest?: boolean;
+  /** Tests and benchmarks: the VMM does doorbells / interrupt lines even where the backend could. */
+  emulateDoorbells?: boolean;
+  emulateInterruptLines?: boolean;
+}
+
 export interface Addon {
   probe(): { backend: string | null; apiVersion: number; error: string | null };
-  Machine: new (config: { kernel: string; initrd?: string; cmdline: string; cpus: number; memoryMiB: number }) => NativeMachineHandle;
+  Machine: new (config: NativeMachineConfig) => NativeMachineHandle;
 }
 
 export class AddonError extends Error {}

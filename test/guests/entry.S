@@ -160,6 +160,32 @@ enter_ring3:
 	iretq
 
 /*
+ * enter_ring3_irq(rip, rsp): the same with interrupts on (RFLAGS.IF), so that a device
+ * interrupt can reach the guest while ring 3 runs (skiff.test=doorbell).
+ */
+	.globl enter_ring3_irq
+enter_ring3_irq:
+	pushq	$0x1b
+	pushq	%rsi
+	pushq	$0x202				/* RFLAGS: IF=1, IOPL=0 */
+	pushq	$0x23
+	pushq	%rdi
+	iretq
+
+/*
+ * The doorbell test device's interrupt (IDT vector DOORBELL_VECTOR in guest.c): count it,
+ * end it at the local APIC (EOI register at 0xfee000b0), return to where it came from.
+ */
+	.globl doorbell_irq
+doorbell_irq:
+	pushq	%rax
+	incq	doorbell_irqs(%rip)
+	movabsq	$0xfee000b0, %rax
+	movl	$0, (%rax)
+	popq	%rax
+	iretq
+
+/*
  * Ring-3 payload: sum 1..10,000,000, store it in ring3_result, then ud2.
  * The #UD (vector 6) enters ring 0 through the IDT and TSS.rsp0, where
  * exception_handler checks it came from ring3_ud2 at CPL 3.
@@ -178,6 +204,39 @@ ring3_entry:
 ring3_ud2:
 	ud2
 	jmp	ring3_ud2
+
+/*
+ * Ring-3 payload of skiff.test=doorbell. For round = 1..doorbell_rounds: write the round to
+ * the device's doorbell (MMIO, from ring 3), then wait until the host has written the number
+ * of rings it saw to doorbell_reply AND the device's interrupt has been taken that many times
+ * (doorbell_irqs, counted by doorbell_irq in ring 0); with doorbell_lost set, only for the
+ * interrupt. Gives up on a round after 2^30 polls
+ * (about a second). Stores the first round not completed in doorbell_round, then ud2 back to
+ * ring 0, which reports.
+ */
+#define DOORBELL_RING	0xd0000e50	/* guest.c DOORBELL_BASE + 0x50 */
+	.globl ring3_doorbell, ring3_doorbell_ud2
+ring3_doorbell:
+	movl	$1, %ecx
+1:	movabsq	$DOORBELL_RING, %rdx
+	movl	%ecx, (%rdx)
+	movl	$0x40000000, %r8d
+2:	cmpq	$0, doorbell_lost(%rip)		/* doorbell-lost: no reply is coming */
+	jne	6f
+	cmpq	%rcx, doorbell_reply(%rip)
+	jne	3f
+6:	cmpq	%rcx, doorbell_irqs(%rip)
+	je	4f
+3:	decq	%r8
+	jnz	2b
+	jmp	5f
+4:	incq	%rcx
+	cmpq	doorbell_rounds(%rip), %rcx
+	jbe	1b
+5:	movq	%rcx, doorbell_round(%rip)
+ring3_doorbell_ud2:
+	ud2
+	jmp	ring3_doorbell_ud2
 
 /* ------------------------------------------------------------------------ */
 /*

@@ -110,7 +110,8 @@ extern u64 entry64_cr0, entry64_cr4, entry64_efer, entry64_rsi;
 extern u16 entry64_cs, entry64_ds, entry64_ss;
 extern u64 gdt[];
 extern char exc_stubs[];
-extern char ring3_entry[], ring3_ud2[];
+extern char ring3_entry[], ring3_ud2[], ring3_doorbell[], ring3_doorbell_ud2[], doorbell_irq[];
+void enter_ring3_irq(u64 rip, u64 rsp) __attribute__((noreturn));
 extern const u8 ap_tramp_start[], ap_tramp_end[];
 void enter_ring3(u64 rip, u64 rsp) __attribute__((noreturn));
 
@@ -281,29 +282,48 @@ struct desc_ptr {
     u64 base;
 } __attribute__((packed));
 
-static struct idt_gate idt[32] __attribute__((aligned(16)));
+/* skiff.test=doorbell: the doorbell test device (hypervisor/devices/doorbell_test.h) in the
+   last virtio-mmio slot and its IO-APIC pin (hypervisor/vmm/layout.h). */
+#define DOORBELL_BASE 0xd0000e00ull
+#define DOORBELL_IRQ 23
+#define DOORBELL_MAGIC 0x42444b53u
+#define DOORBELL_VECTOR 0x40
+#define DOORBELL_ROUNDS 3 /* skiff.test=doorbell; doorbell=N does N (benchmarks) */
+#define DOORBELL_LOST_ADDR 0xfffffffffffffffcull /* doorbell-lost: 8 bytes there would wrap */
+#define IOAPIC_BASE 0xfec00000ull
+#define LAPIC_BASE 0xfee00000ull
+
+/* Vectors 0-31 are the CPU's exceptions; DOORBELL_VECTOR is the last one the IDT covers. */
+static struct idt_gate idt[DOORBELL_VECTOR + 1] __attribute__((aligned(16)));
 static struct tss64 tss __attribute__((aligned(16)));
 static u8 ring0_stack[8192] __attribute__((aligned(16)));  /* TSS.rsp0 */
 static u8 ring3_stack[4096] __attribute__((aligned(16)));
 u64 ring3_result;
-static int ring3_running;
+static int ring3_running; /* 0, or which ring-3 payload runs: RING3_SUM or RING3_DOORBELL */
+#define RING3_SUM 1
+#define RING3_DOORBELL 2
+/* Written by ring 3, the host (doorbell_reply) and doorbell_irq: hence volatile reads. */
+u64 doorbell_reply, doorbell_irqs, doorbell_round, doorbell_rounds, doorbell_lost;
 
 struct exc_frame {
     u64 vector, error, rip, cs, rflags, rsp, ss;
 };
 
+static void set_gate(int i, u64 a)
+{
+    idt[i].off0 = (u16)a;
+    idt[i].sel = 0x08;
+    idt[i].ist = 0;
+    idt[i].type = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
+    idt[i].off1 = (u16)(a >> 16);
+    idt[i].off2 = (u32)(a >> 32);
+    idt[i].zero = 0;
+}
+
 static void setup_idt(void)
 {
-    for (int i = 0; i < 32; i++) {
-        u64 a = (u64)(usize)exc_stubs + 16 * (u64)i;
-        idt[i].off0 = (u16)a;
-        idt[i].sel = 0x08;
-        idt[i].ist = 0;
-        idt[i].type = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
-        idt[i].off1 = (u16)(a >> 16);
-        idt[i].off2 = (u32)(a >> 32);
-        idt[i].zero = 0;
-    }
+    for (int i = 0; i < 32; i++)
+        set_gate(i, (u64)(usize)exc_stubs + 16 * (u64)i);
     struct desc_ptr p = { sizeof(idt) - 1, (u64)(usize)idt };
     __asm__ volatile("lidt %0" : : "m"(p));
 }
@@ -322,9 +342,13 @@ static void setup_tss(void)
 }
 
 void exception_handler(struct exc_frame *f) __attribute__((noreturn));
+static void doorbell_report(struct exc_frame *f) __attribute__((noreturn));
+
 void exception_handler(struct exc_frame *f)
 {
-    if (ring3_running && f->vector == 6 && (f->cs & 3) == 3) {
+    if (ring3_running == RING3_DOORBELL && f->vector == 6 && (f->cs & 3) == 3)
+        doorbell_report(f);
+    if (ring3_running == RING3_SUM && f->vector == 6 && (f->cs & 3) == 3) {
         ring3_running = 0;
         u64 sum = *(volatile u64 *)&ring3_result;
         const u64 want = 10000000ull * 10000001ull / 2;
@@ -672,8 +696,85 @@ static void test_ring3(void)
 {
     setup_tss();
     puts("guest: entering ring 3\n");
-    ring3_running = 1;
+    ring3_running = RING3_SUM;
     enter_ring3((u64)(usize)ring3_entry, (u64)(usize)(ring3_stack + sizeof(ring3_stack)));
+}
+
+/* ------------------------------------------------------------------------ */
+/* skiff.test=doorbell: a doorbell rung from ring 3, answered by the host's event loop with a
+   memory write and an interrupt. */
+
+static volatile u32 *doorbell_reg(u32 off) { return (volatile u32 *)(usize)(DOORBELL_BASE + off); }
+
+static void ioapic_write(u32 reg, u32 v)
+{
+    *(volatile u32 *)(usize)IOAPIC_BASE = reg;          /* IOREGSEL */
+    *(volatile u32 *)(usize)(IOAPIC_BASE + 0x10) = v;   /* IOWIN */
+}
+
+/* lost: point the reply address outside guest RAM; the host must refuse to write there, say
+   so in register 0x14, and still raise the interrupt. */
+static void test_doorbell(u32 rounds, int lost)
+{
+    doorbell_rounds = rounds;
+    doorbell_lost = (u64)lost;
+    u32 magic = *doorbell_reg(0x00);
+    if (magic != DOORBELL_MAGIC) {
+        puts("guest: doorbell device not found: magic=");
+        put_hex(magic);
+        puts(" at ");
+        put_hex(DOORBELL_BASE);
+        putc('\n');
+        guest_exit(EXIT_FAIL);
+    }
+    u32 paths = *doorbell_reg(0x04);
+    puts("guest: doorbell device at ");
+    put_hex(DOORBELL_BASE);
+    puts(" irq=");
+    put_dec(DOORBELL_IRQ);
+    puts(" doorbell=");
+    puts((paths & 1) ? "backend" : "emulated");
+    puts(" interrupt=");
+    puts((paths & 2) ? "backend" : "emulated");
+    putc('\n');
+    u64 reply_at = lost ? DOORBELL_LOST_ADDR : (u64)(usize)&doorbell_reply;
+    *doorbell_reg(0x08) = (u32)reply_at;
+    *doorbell_reg(0x0c) = (u32)(reply_at >> 32);
+    /* The device's pin -> DOORBELL_VECTOR on this CPU (APIC id 0): fixed delivery, physical
+       destination, active high, edge, unmasked, as the MP table describes the pin. */
+    set_gate(DOORBELL_VECTOR, (u64)(usize)doorbell_irq);
+    ioapic_write(0x10 + 2 * DOORBELL_IRQ + 1, 0);
+    ioapic_write(0x10 + 2 * DOORBELL_IRQ, DOORBELL_VECTOR);
+    *(volatile u32 *)(usize)(LAPIC_BASE + 0x80) = 0;     /* TPR: accept every priority */
+    *(volatile u32 *)(usize)(LAPIC_BASE + 0xf0) = 0x1ff; /* SVR: APIC on, spurious vector 0xff */
+    setup_tss();
+    puts("guest: ringing from ring 3\n");
+    ring3_running = RING3_DOORBELL;
+    enter_ring3_irq((u64)(usize)ring3_doorbell, (u64)(usize)(ring3_stack + sizeof(ring3_stack)));
+}
+
+static void doorbell_report(struct exc_frame *f)
+{
+    ring3_running = 0;
+    u64 done = *(volatile u64 *)&doorbell_round - 1;
+    u64 reply = *(volatile u64 *)&doorbell_reply;
+    u64 irqs = *(volatile u64 *)&doorbell_irqs;
+    u32 rings = *doorbell_reg(0x10), lost = *doorbell_reg(0x14);
+    puts("guest: doorbell rounds=");
+    put_dec(done);
+    puts(" reply=");
+    put_dec(reply);
+    puts(" irqs=");
+    put_dec(irqs);
+    puts(" host_rings=");
+    put_dec(rings);
+    puts(" lost_replies=");
+    put_dec(lost);
+    putc('\n');
+    u64 want = doorbell_rounds;
+    int ok = f->rip == (u64)(usize)ring3_doorbell_ud2 && done == want && irqs == want && rings == want &&
+             (doorbell_lost ? reply == 0 && lost == want : reply == want && lost == 0);
+    guest_exit(ok ? EXIT_OK : EXIT_FAIL);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1204,6 +1305,18 @@ void guest_main(u64 info_paddr, u32 boot_mode)
             test_ring3();
         if (equals(t, n, "cpus"))
             test_cpus();
+        if (equals(t, n, "doorbell"))
+            test_doorbell(DOORBELL_ROUNDS, 0);
+        if (equals(t, n, "doorbell-lost"))
+            test_doorbell(DOORBELL_ROUNDS, 1);
+        if (starts_with(t, n, "doorbell=")) {
+            u32 rounds;
+            if (!parse_u32(t + 9, n - 9, &rounds) || rounds == 0) {
+                puts("guest: bad doorbell rounds (want decimal 1..4294967295)\n");
+                guest_exit(EXIT_USAGE);
+            }
+            test_doorbell(rounds, 0);
+        }
         if (equals(t, n, "smp"))
             test_smp();
         if (starts_with(t, n, "exit=")) {

@@ -143,7 +143,7 @@ class KvmVcpu final : public Vcpu {
       if (handler.stopRequested()) return stop(VcpuStop::Reason::Requested, "");
       if (ioctl(fd_.get(), KVM_RUN, 0) < 0) {
         if (errno == EINTR || errno == EAGAIN) {
-          run_->immediate_exit = 0;
+          __atomic_store_n(&run_->immediate_exit, 0, __ATOMIC_RELEASE);
           continue;  // a kick: the loop head checks whether a stop was asked for
         }
         fail("ioctl(KVM_RUN)");
@@ -186,7 +186,8 @@ class KvmVcpu final : public Vcpu {
   }
 
   void kick() override {
-    run_->immediate_exit = 1;
+    // Shared with the vCPU thread and the kernel: an atomic store (ThreadSanitizer saw the race).
+    __atomic_store_n(&run_->immediate_exit, 1, __ATOMIC_RELEASE);
     if (threadKnown_.load()) pthread_kill(thread_.load(), kickSignal());
   }
 
@@ -228,6 +229,18 @@ class KvmVcpu final : public Vcpu {
   std::atomic<bool> threadKnown_{false};
 };
 
+kvm_ioeventfd ioEvent(uint64_t addr, uint32_t size, std::optional<uint64_t> match, const EventNotifier& notifier) {
+  kvm_ioeventfd io{};
+  io.addr = addr;
+  io.len = size;
+  io.fd = notifier.handle();
+  if (match) {
+    io.flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
+    io.datamatch = *match;
+  }
+  return io;
+}
+
 class KvmVm final : public Vm {
  public:
   KvmVm(int kvmFd, uint32_t vcpus) : kvm_(kvmFd), fd_(ioctl(kvmFd, KVM_CREATE_VM, 0)), vcpus_(vcpus) {
@@ -261,6 +274,34 @@ class KvmVm final : public Vm {
     irq.irq = line;
     irq.level = level ? 1 : 0;
     if (ioctl(fd_.get(), KVM_IRQ_LINE, &irq) < 0) fail("ioctl(KVM_IRQ_LINE)");
+  }
+
+  void addIoEvent(uint64_t addr, uint32_t size, std::optional<uint64_t> match, const EventNotifier& notifier) override {
+    kvm_ioeventfd io = ioEvent(addr, size, match, notifier);
+    if (ioctl(fd_.get(), KVM_IOEVENTFD, &io) < 0) fail("ioctl(KVM_IOEVENTFD)");
+  }
+
+  void removeIoEvent(uint64_t addr, uint32_t size, std::optional<uint64_t> match, const EventNotifier& notifier) override {
+    kvm_ioeventfd io = ioEvent(addr, size, match, notifier);
+    io.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
+    ioctl(fd_.get(), KVM_IOEVENTFD, &io);  // on teardown; closing the VM drops it anyway
+  }
+
+  // KVM's irqfd pulses the line (raise, lower) per signal: an edge, as the MP table's ISA
+  // routing (mptable.cc) tells the guest to expect.
+  void addIrqEvent(uint32_t line, const EventNotifier& notifier) override {
+    kvm_irqfd irq{};
+    irq.fd = static_cast<uint32_t>(notifier.handle());
+    irq.gsi = line;
+    if (ioctl(fd_.get(), KVM_IRQFD, &irq) < 0) fail("ioctl(KVM_IRQFD)");
+  }
+
+  void removeIrqEvent(uint32_t line, const EventNotifier& notifier) override {
+    kvm_irqfd irq{};
+    irq.fd = static_cast<uint32_t>(notifier.handle());
+    irq.gsi = line;
+    irq.flags = KVM_IRQFD_FLAG_DEASSIGN;
+    ioctl(fd_.get(), KVM_IRQFD, &irq);
   }
 
  private:
