@@ -161,3 +161,15 @@ test('two processes fetching the same package at once download it once', async (
   const entries = execFileSync('ls', ['-A', path.join(cache, 'packages')], { encoding: 'utf8' }).split('\n').filter(Boolean);
   t.deepEqual(entries, [`hello_${candidate('hello')}_${arch}`]); // no lock or temp left behind
 });
+
+test.serial('a library a listed package provides comes from the package, not the host', async (t) => {
+  await coldFetch();
+  const { files } = await fetchPackages(['crun', 'libyajl2']);
+  const lib = files.get('usr/lib/x86_64-linux-gnu/libyajl.so.2');
+  t.like(lib, { kind: 'symlink', origin: 'package libyajl2' });
+  const real = files.get(`usr/lib/x86_64-linux-gnu/${(lib as { target: string }).target}`);
+  t.like(real, { kind: 'file', origin: 'package libyajl2' });
+  t.true((real as { source: string }).source.startsWith(path.join(dir, 'cache', 'packages')));
+  // crun's other libraries still come from the host.
+  t.like(files.get('usr/lib/x86_64-linux-gnu/libseccomp.so.2'), { kind: 'symlink', origin: 'host (for /usr/bin/crun)' });
+});
