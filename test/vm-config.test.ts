@@ -54,7 +54,7 @@ test('resources are range-checked', async (t) => {
   t.true(Object.isFrozen(ok));
 });
 
-test('engine selection: native needs KVM and says what PVM means; auto picks QEMU', (t) => {
+test('engine selection: native needs KVM and says what PVM means; auto picks native only on real hardware, else says why not', (t) => {
   t.throws(() => selectEngine('native', { kvm: false, hardware: false, pvm: false, detail: '/dev/kvm does not exist' }), {
     instanceOf: EngineUnavailableError,
     message: 'the native engine needs KVM: /dev/kvm does not exist',
@@ -65,8 +65,13 @@ test('engine selection: native needs KVM and says what PVM means; auto picks QEM
   const pvm = selectEngine('auto', { kvm: true, hardware: false, pvm: true, detail: 'KVM on PVM' });
   t.deepEqual([pvm.engine, pvm.accel], ['qemu', 'tcg']);
   t.regex(pvm.reason ?? '', /KVM on PVM/);
+  t.regex(pvm.reason ?? '', /not the native engine/);
   const hw = selectEngine('auto', { kvm: true, hardware: true, pvm: false, detail: 'real' });
-  t.deepEqual([hw.engine, hw.accel, hw.reason], ['qemu', 'kvm', undefined]);
+  t.deepEqual([hw.engine, hw.accel, hw.reason], ['native', 'kvm', undefined]);
+  const noAddon = selectEngine('auto', { kvm: true, hardware: true, pvm: false, detail: 'real', nativeUnavailable: 'cannot load the native addon' });
+  t.deepEqual([noAddon.engine, noAddon.accel, noAddon.reason], ['qemu', 'kvm', 'qemu with KVM, not the native engine: cannot load the native addon']);
+  const none = selectEngine('auto', { kvm: false, hardware: false, pvm: false, detail: '/dev/kvm does not exist' });
+  t.deepEqual([none.engine, none.accel, none.reason], ['qemu', 'tcg', 'qemu with TCG, not the native engine: /dev/kvm does not exist']);
 });
 
 /** The smallest file that passes as a bzImage: a setup header with its magic and a version string. */

@@ -1,5 +1,6 @@
 // What this host offers for running guests, and which engine runs them: chosen here and nowhere else.
 import { constants, accessSync, existsSync } from 'node:fs';
+import { loadAddon } from './addon.js';
 
 export type EngineName = 'qemu' | 'native';
 export type EngineChoice = EngineName | 'auto';
@@ -16,6 +17,8 @@ export interface HostVirtualization {
   detail: string;
   /** KVM on PVM: present, but guest kernel code would be emulated instruction by instruction. */
   pvm: boolean;
+  /** Why skiff's own VMM cannot run here although the hardware could (its addon is not built or does not load); asked only where hardware is real. */
+  nativeUnavailable?: string;
 }
 
 export function probeHost(): HostVirtualization {
@@ -36,7 +39,13 @@ export function probeHost(): HostVirtualization {
       detail: '/dev/kvm is KVM on PVM (kvm_pvm), not VT-x/AMD-V: guest kernel code would be emulated, so Linux guests run on QEMU with TCG here',
     };
   }
-  return { kvm: true, hardware: true, pvm: false, detail: '/dev/kvm offers hardware virtualization' };
+  let nativeUnavailable: string | undefined;
+  try {
+    loadAddon();
+  } catch (err) {
+    nativeUnavailable = (err as Error).message;
+  }
+  return { kvm: true, hardware: true, pvm: false, detail: '/dev/kvm offers hardware virtualization', nativeUnavailable };
 }
 
 export interface EngineSelection {
@@ -57,7 +66,9 @@ export function selectEngine(requested: EngineChoice, host: HostVirtualization =
     };
   }
   if (requested === 'qemu') return { engine: 'qemu', accel, reason: host.hardware ? undefined : `qemu with TCG: ${host.detail}` };
-  // auto: QEMU, with KVM where it is real. The native engine does not yet have SMP, bzImage boot or
-  // virtio devices, so it is only used when asked for.
-  return { engine: 'qemu', accel, reason: host.hardware ? undefined : `qemu with TCG: ${host.detail}` };
+  // auto: skiff's own VMM where hardware virtualization is real; otherwise QEMU, saying why not.
+  if (host.hardware && !host.nativeUnavailable) return { engine: 'native', accel: 'kvm' };
+  if (host.hardware) return { engine: 'qemu', accel, reason: `qemu with KVM, not the native engine: ${host.nativeUnavailable}` };
+  if (host.pvm) return { engine: 'qemu', accel, reason: `qemu with TCG, not the native engine: ${host.detail} (--engine native runs it anyway: about 90 s to boot the pvm-native kernel flavor)` };
+  return { engine: 'qemu', accel, reason: `qemu with TCG, not the native engine: ${host.detail}` };
 }

@@ -1,13 +1,96 @@
 // The native engine: skiff's own VMM (hypervisor/) runs the guest on a native thread of this
 // process. The guest reports its status through the exit device at the same port as on QEMU.
+import { promises as fs } from 'node:fs';
 import { Writable } from 'node:stream';
+import { PVM_NATIVE_CMDLINE } from '../kernel/flavors.js';
+import type { KernelInfo } from '../kernel/inspect.js';
 import { loadAddon, type NativeResult } from './addon.js';
+import { probeHost } from './host.js';
 import { ConsoleTap, findPanic, type ReadyMarker } from './console.js';
 import type { VmConfig } from './config.js';
 import type { Machine, MachineExit } from './machine.js';
 
 export async function startNative(config: VmConfig): Promise<Machine> {
-  return new NativeMachine(config);
+  // Only KVM on PVM needs the pvm-native flavor's command line; elsewhere nothing is looked up.
+  const release = probeHost().pvm ? (config.kernel.version ?? (await kernelRelease(config.kernel))) : undefined;
+  return new NativeMachine(config, engineCmdline(config.cmdline, release));
+}
+
+/** The kernel flavor built for KVM on PVM's instruction emulator (src/kernel/flavors.ts) says so in its release. */
+const PVM_NATIVE_RELEASE = /-skiff-pvm-native$/;
+
+/**
+ * The command line the native engine boots with: the config's, plus PVM_NATIVE_CMDLINE's words
+ * (those not already there) when the kernel is the pvm-native flavor, which cannot boot on KVM on
+ * PVM without them (docs/backends.md). `added` says what was added, for --verbose.
+ */
+export function engineCmdline(cmdline: string, release: string | undefined): { cmdline: string; added: string } {
+  if (!release || !PVM_NATIVE_RELEASE.test(release)) return { cmdline, added: '' };
+  const have = new Set(cmdline.split(/\s+/));
+  const added = PVM_NATIVE_CMDLINE.split(' ').filter((w) => !have.has(w)).join(' ');
+  return { cmdline: added ? `${cmdline} ${added}` : cmdline, added };
+}
+
+const BANNER = Buffer.from('Linux version ');
+/** Linux puts linux_banner near the start of .rodata (0x100 in skiff's 6.1 builds); looked for in this much of it. */
+const BANNER_WINDOW = 1 << 20;
+
+/**
+ * A kernel's release ("6.1.192-skiff-pvm-native") without reading the whole file: a boot reads
+ * only the ELF headers and notes (src/kernel/inspect.ts, version: false), and the release is in
+ * neither. For a vmlinux: the section headers, then the start of .rodata for linux_banner; for a
+ * bzImage: the version string its setup header points to. Undefined when it is not found.
+ */
+export async function kernelRelease(kernel: KernelInfo): Promise<string | undefined> {
+  const fh = await fs.open(kernel.path, 'r');
+  try {
+    const { size } = await fh.stat();
+    const read = async (offset: number, length: number): Promise<Buffer | undefined> => {
+      if (!Number.isSafeInteger(offset) || offset < 0 || length <= 0 || offset >= size) return undefined;
+      const buf = Buffer.alloc(Math.min(length, size - offset));
+      const { bytesRead } = await fh.read(buf, 0, buf.length, offset);
+      return buf.subarray(0, bytesRead);
+    };
+    const firstWord = (b: Buffer | undefined, at: number) => {
+      if (!b || at < 0 || at >= b.length) return undefined;
+      const end = b.indexOf(0, at);
+      const text = b.toString('latin1', at, end < 0 ? Math.min(b.length, at + 256) : Math.min(end, at + 256));
+      return /^\d+\.\d+\S*/.exec(text)?.[0];
+    };
+    if (kernel.format === 'bzimage') {
+      const hdr = await read(0x20e, 2);
+      if (!hdr || hdr.length < 2 || hdr.readUInt16LE(0) === 0) return undefined;
+      return firstWord(await read(hdr.readUInt16LE(0) + 0x200, 256), 0);
+    }
+    const eh = await read(0, 64);
+    if (!eh || eh.length < 64) return undefined;
+    const shoff = Number(eh.readBigUInt64LE(0x28));
+    const shentsize = eh.readUInt16LE(0x3a);
+    const shnum = eh.readUInt16LE(0x3c);
+    const shstrndx = eh.readUInt16LE(0x3e);
+    if (shentsize < 64 || shnum === 0 || shstrndx >= shnum) return undefined;
+    const sh = await read(shoff, shentsize * shnum);
+    if (!sh || sh.length < shentsize * shnum) return undefined;
+    const section = (i: number) => ({ name: sh.readUInt32LE(i * shentsize), offset: Number(sh.readBigUInt64LE(i * shentsize + 0x18)), size: Number(sh.readBigUInt64LE(i * shentsize + 0x20)) });
+    const strtab = section(shstrndx);
+    const names = await read(strtab.offset, Math.min(strtab.size, 1 << 16));
+    if (!names) return undefined;
+    for (let i = 0; i < shnum; i++) {
+      const s = section(i);
+      if (names.toString('latin1', s.name, s.name + 8) !== '.rodata\0') continue;
+      // The first 64 KiB nearly always holds it; the rest of the window only if not.
+      for (const window of [1 << 16, BANNER_WINDOW]) {
+        const data = await read(s.offset, Math.min(s.size, window));
+        const at = data?.indexOf(BANNER) ?? -1;
+        if (at >= 0) return firstWord(data, at + BANNER.length);
+        if (window >= s.size) break;
+      }
+      return undefined;
+    }
+    return undefined;
+  } finally {
+    await fh.close();
+  }
 }
 
 class NativeMachine implements Machine {
@@ -22,10 +105,13 @@ class NativeMachine implements Machine {
   private timedOut = false;
   private readonly handle;
 
-  constructor(private readonly config: VmConfig) {
+  constructor(
+    private readonly config: VmConfig,
+    boot: { cmdline: string; added: string },
+  ) {
     const addon = loadAddon();
-    this.description = `native (${addon.probe().backend ?? 'no backend'})`;
-    this.handle = new addon.Machine({ kernel: config.kernel.path, initrd: config.initrd, cmdline: config.cmdline, cpus: config.cpus, memoryMiB: config.memoryMiB });
+    this.description = `native (${addon.probe().backend ?? 'no backend'})${boot.added ? `; pvm-native kernel, so the command line gets: ${boot.added}` : ''}`;
+    this.handle = new addon.Machine({ kernel: config.kernel.path, initrd: config.initrd, cmdline: boot.cmdline, cpus: config.cpus, memoryMiB: config.memoryMiB });
     let markReady: (m: ReadyMarker | undefined) => void = () => {};
     this.ready = new Promise((resolve) => (markReady = resolve));
     this.output = new ConsoleTap((m) => markReady(m));
