@@ -20,14 +20,14 @@ constexpr uint64_t kSize = 0x10000;  // 64 KiB region, then a 4 KiB one right af
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static testing::FakeMemory mem{{kBase, kSize}, {kBase + kSize, 0x1000}};
   if (size < 8) return 0;
-  // Configuration: queue size (any value, including illegal ones), features, start indices, ring
-  // placement inside the region.
+  // Configuration: queue size (any value, including illegal ones), features, start index, ring
+  // placement (descriptors at the region's start, avail ring from +4 KiB, used ring from +6 KiB).
   uint16_t queueSize;
   std::memcpy(&queueSize, data, 2);
   uint8_t flags = data[2];
   uint16_t start;
   std::memcpy(&start, data + 3, 2);
-  uint64_t availOffset = 16ull * (data[5] % 64) * 16, usedOffset = 0x8000 + 4ull * data[6] * 8;
+  uint64_t availOffset = 2ull * data[5], usedOffset = 4ull * data[6];
   uint8_t budget = data[7];
   data += 8;
   size -= 8;
@@ -39,8 +39,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Queue q(flags & 0x80 ? 32768 : 256);
   q.setSize(queueSize);
   q.setDescTable(kBase);
-  q.setAvailRing(kBase + 0x4000 + availOffset);
-  q.setUsedRing(kBase + usedOffset);
+  q.setAvailRing(kBase + 0x1000 + availOffset);
+  q.setUsedRing(kBase + 0x1800 + usedOffset);
   q.setNextAvail(start);
   uint64_t features = kFVersion1 | (flags & 1 ? kFEventIdx : 0) | (flags & 2 ? kFIndirectDesc : 0);
   std::string why;

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+# Writes the seed inputs in seeds/<target>/: one well-formed case per target, the way a Linux driver
+# would lay it out, so the fuzzers start from inputs that reach the devices' deep paths and mutate
+# from there. The layouts mirror the targets' input formats (queue.cc, blk.cc, mmio.cc).
+# Run: python3 hypervisor/devices/virtio/fuzz/make-seeds.py
+import os
+import struct
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def write(target, name, data):
+    d = os.path.join(here, 'seeds', target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), 'wb') as f:
+        f.write(data)
+
+
+def desc(addr, length, flags, nxt):
+    return struct.pack('<QIHH', addr, length, flags, nxt)
+
+
+NEXT, WRITE, INDIRECT = 1, 2, 4
+
+# queue.cc: 8 config bytes (size, flags, start, avail slot, used slot, budget), then memory at
+# 0x10000: descriptors at 0, avail ring at +0x1000, used ring at +0x1800, buffers from +0x2000.
+base = 0x10000
+mem = bytearray(0x1a00)
+mem[0:48] = desc(base + 0x2000, 16, NEXT, 1) + desc(base + 0x2100, 512, NEXT | WRITE, 2) + desc(base + 0x2400, 1, WRITE, 0)
+mem[48:64] = desc(base + 0x1900, 32, INDIRECT, 0)  # descriptor 3: an indirect table of two
+mem[0x1900:0x1920] = desc(base + 0x2000, 16, NEXT, 1) + desc(base + 0x2200, 64, WRITE, 0)
+mem[0x1000:0x1008] = struct.pack('<HHHH', 0, 2, 0, 3)
+write('queue', 'linux-chains', struct.pack('<HBHBBB', 16, 3, 0, 0, 0, 8) + bytes(mem))
+
+# blk.cc: mode, request count, then per request: shape (buffers - 1, 0x10 = indirect) and per
+# buffer a u32 (bit 31 = writable, low 15 bits = length) followed by its bytes.
+def request(type_, sector, data_len, data_writable, indirect=False, data=b''):
+    out = bytes([2 | (0x10 if indirect else 0)])
+    out += struct.pack('<I', 16) + struct.pack('<IIQ', type_, 0, sector)
+    out += struct.pack('<I', data_len | (0x80000000 if data_writable else 0)) + data.ljust(data_len, b'\0')
+    out += struct.pack('<I', 1 | 0x80000000) + b'\xff'
+    return out
+
+
+write('blk', 'write-read', bytes([2, 1]) + request(1, 8, 512, False, data=b'skiff' * 100) + request(0, 8, 512, True, True))
+write('blk', 'discard', bytes([2, 1]) + request(11, 0, 16, False, data=struct.pack('<QII', 8, 8, 0)) + request(13, 0, 16, False, data=struct.pack('<QII', 16, 8, 1)))
+flush = bytes([1]) + struct.pack('<I', 16) + struct.pack('<IIQ', 4, 0, 0) + struct.pack('<I', 1 | 0x80000000) + b'\xff'
+write('blk', 'flush-getid', bytes([0, 1]) + flush + request(8, 0, 20, True))
+
+# mmio.cc: device byte (1 = blk), guest memory (half of the rest), then 7-byte accesses:
+# op (bit 0 write, bits 1-3 width index 0 = 4 bytes, bit 7 process queue), u16 offset, u32 value.
+def access(offset, value=0, write=True):
+    return struct.pack('<BHI', 1 if write else 0, offset, value)
+
+
+# Rings: a queue of 4 at 0x10000 (descriptors), 0x10040 (avail), 0x10080 (used); one IN request
+# with its header at 0x10100, data at 0x10200 and status at 0x10400.
+ops = b''
+ops += access(0x70, 1) + access(0x70, 3)
+ops += access(0x24, 0) + access(0x20, (1 << 28) | (1 << 29) | (1 << 9) | (1 << 13) | (1 << 14) | 0x44)
+ops += access(0x24, 1) + access(0x20, 1) + access(0x70, 11) + access(0x70, 0, False)
+ops += access(0x30, 0) + access(0x34, 0, False) + access(0x38, 4)
+ops += access(0x80, 0x10000) + access(0x90, 0x10040) + access(0xa0, 0x10080) + access(0x44, 1)
+ops += access(0x70, 15) + access(0x50, 0) + access(0x60, 0, False) + access(0x64, 1)
+ops += struct.pack('<BHI', 0x80, 0, 0) + access(0x100, 0, False)
+mem = bytearray(0x110)
+mem[0:48] = desc(0x10100, 16, NEXT, 1) + desc(0x10200, 512, NEXT | WRITE, 2) + desc(0x10400, 1, WRITE, 0)
+mem[0x40:0x46] = struct.pack('<HHH', 0, 1, 0)
+mem[0x100:0x110] = struct.pack('<IIQ', 0, 0, 3)
+# Memory is the first half of everything after the device byte: pad both halves to one length.
+n = max(len(mem), len(ops))
+ops = ops.ljust(n, b'\0')
+write('mmio', 'linux-bring-up-blk', b'\x01' + bytes(mem).ljust(n, b'\0') + ops)
