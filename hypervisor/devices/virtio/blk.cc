@@ -164,7 +164,7 @@ bool Block::handle(const MemoryMap& memory, const Chain& chain, uint32_t& usedLe
         break;
       case kTOut:
         // §5.2.6.2: a read-only device fails writes and writes nothing.
-        status = options_.readOnly ? kSIoErr : write(memory, in, h.sector);
+        status = options_.readOnly ? kSIoErr : write(in, h.sector);
         break;
       case kTFlush:
         status = options_.readOnly || fdatasync(fd_) == 0 ? kSOk : kSIoErr;
@@ -206,7 +206,7 @@ uint8_t Block::read(const MemoryMap& memory, const std::vector<Buffer>& data, ui
   return kSOk;
 }
 
-uint8_t Block::write(const MemoryMap&, Cursor& in, uint64_t sector) {
+uint8_t Block::write(Cursor& in, uint64_t sector) {
   uint64_t len = in.remaining();
   if (len % kSectorSize != 0 || !inRange(sector, len / kSectorSize)) return kSIoErr;
   std::vector<iovec> iov;

@@ -62,7 +62,7 @@ class Block final : public Device {
 
  private:
   uint8_t read(const MemoryMap& memory, const std::vector<Buffer>& data, uint64_t sector, uint32_t& written);
-  uint8_t write(const MemoryMap& memory, Cursor& in, uint64_t sector);
+  uint8_t write(Cursor& in, uint64_t sector);
   uint8_t discardOrZero(Cursor& in, uint32_t type);
   uint8_t zero(uint64_t offset, uint64_t len, bool unmap);
   bool inRange(uint64_t sector, uint64_t sectors) const { return sector <= capacity_ && sectors <= capacity_ - sector; }

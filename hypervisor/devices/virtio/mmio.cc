@@ -99,7 +99,7 @@ void Mmio::write(uint64_t offset, const uint8_t* data, uint32_t size) {
   std::memcpy(&value, data, 4);
   if (offset == kInterruptAck) {
     std::lock_guard<std::mutex> irqLock(irqMu_);
-    if (interruptStatus_ != 0 && (interruptStatus_ &= ~value) == 0) interrupt_(false);
+    if (interruptStatus_ != 0 && (interruptStatus_ &= ~value) == 0 && interrupt_) interrupt_(false);
     return;
   }
   if (offset == kQueueNotify) {
@@ -214,7 +214,7 @@ void Mmio::reset() {
   std::lock_guard<std::mutex> irqLock(irqMu_);
   if (interruptStatus_ != 0) {
     interruptStatus_ = 0;
-    interrupt_(false);
+    if (interrupt_) interrupt_(false);
   }
 }
 
@@ -235,7 +235,7 @@ void Mmio::raise(uint32_t bits) {
   interruptStatus_ |= bits;
   // An edge on each new cause after an ACK; while one is pending the driver's handler, which
   // acknowledges before it reads the rings, will see what was added meanwhile.
-  if (!was) interrupt_(true);
+  if (!was && interrupt_) interrupt_(true);
 }
 
 void Mmio::usedBuffers(uint16_t) { raise(kInterruptUsedBuffer); }

@@ -150,6 +150,9 @@ class Driver {
 
   // virtqueue_get_buf: the next used element, if any; frees its descriptors.
   bool getUsed(uint32_t& id, uint32_t& len) {
+    // virtqueue_poll's mb: a used_event stored by the previous call must be visible before the used
+    // idx is read, or the device may skip the interrupt while this misses its entry.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
     uint16_t usedIdx = mem_.get<uint16_t>(used + 2);
     if (usedIdx == lastUsed_) return false;
     std::atomic_thread_fence(std::memory_order_acquire);
