@@ -43,5 +43,6 @@ int main(int argc, char** argv) {
   skiff::MachineResult r = machine.run();
   const char* kinds[] = {"exited", "reset", "shutdown", "killed", "error"};
   std::printf("\n[result kind=%s status=%u detail=%s events=%s]\n", kinds[static_cast<int>(r.kind)], r.status, r.detail.c_str(), r.events.c_str());
+  if (std::getenv("VMM_RUN_TIMES")) std::fprintf(stderr, "setup %.3f ms, run %.3f ms\n", r.setupMs, r.runMs);
   return 0;
 }

@@ -247,10 +247,6 @@ class KvmVm final : public Vm {
     if (fd_.get() < 0) fail("ioctl(KVM_CREATE_VM)");
     // Intel VT-x needs three pages for its real-mode TSS; out of the way, below 4 GiB.
     if (ioctl(fd_.get(), KVM_SET_TSS_ADDR, 0xfffbd000UL) < 0) fail("ioctl(KVM_SET_TSS_ADDR)");
-    if (ioctl(fd_.get(), KVM_CREATE_IRQCHIP, 0) < 0) fail("ioctl(KVM_CREATE_IRQCHIP)");
-    kvm_pit_config pit{};
-    pit.flags = KVM_PIT_SPEAKER_DUMMY;
-    if (ioctl(fd_.get(), KVM_CREATE_PIT2, &pit) < 0) fail("ioctl(KVM_CREATE_PIT2)");
     // The host's answer does not change while the process runs: ask once (0.4 ms a VM on PVM).
     static std::once_flag once;
     static std::vector<kvm_cpuid_entry2> supported;
@@ -267,9 +263,13 @@ class KvmVm final : public Vm {
     if (ioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, &region) < 0) fail("ioctl(KVM_SET_USER_MEMORY_REGION)");
   }
 
-  std::unique_ptr<Vcpu> createVcpu(uint32_t id) override { return std::make_unique<KvmVcpu>(fd_.get(), kvm_, id, cpuid_, vcpus_); }
+  std::unique_ptr<Vcpu> createVcpu(uint32_t id) override {
+    ensureIrqchip();  // KVM wants it before the first vCPU
+    return std::make_unique<KvmVcpu>(fd_.get(), kvm_, id, cpuid_, vcpus_);
+  }
 
   void setIrqLine(uint32_t line, bool level) override {
+    ensureIrqchip();
     kvm_irq_level irq{};
     irq.irq = line;
     irq.level = level ? 1 : 0;
@@ -290,6 +290,7 @@ class KvmVm final : public Vm {
   // KVM's irqfd pulses the line (raise, lower) per signal: an edge, as the MP table's ISA
   // routing (mptable.cc) tells the guest to expect.
   void addIrqEvent(uint32_t line, const EventNotifier& notifier) override {
+    ensureIrqchip();  // KVM_IRQFD needs an in-kernel irqchip
     kvm_irqfd irq{};
     irq.fd = static_cast<uint32_t>(notifier.handle());
     irq.gsi = line;
@@ -305,9 +306,22 @@ class KvmVm final : public Vm {
   }
 
  private:
+  // The in-kernel IO-APIC, PIC and LAPICs, and the PIT. Created after the guest's memory is mapped,
+  // not with the VM: on KVM on PVM, KVM_SET_USER_MEMORY_REGION takes a median 11.5 ms for 32 MiB
+  // with an irqchip present and 4.4 ms without (bench/native.ts; docs/benchmarks.md).
+  void ensureIrqchip() {
+    std::call_once(irqchipOnce_, [this] {
+      if (ioctl(fd_.get(), KVM_CREATE_IRQCHIP, 0) < 0) fail("ioctl(KVM_CREATE_IRQCHIP)");
+      kvm_pit_config pit{};
+      pit.flags = KVM_PIT_SPEAKER_DUMMY;
+      if (ioctl(fd_.get(), KVM_CREATE_PIT2, &pit) < 0) fail("ioctl(KVM_CREATE_PIT2)");
+    });
+  }
+
   int kvm_;
   Fd fd_;
   uint32_t vcpus_;
+  std::once_flag irqchipOnce_;
   std::vector<kvm_cpuid_entry2> cpuid_;
 };
 
