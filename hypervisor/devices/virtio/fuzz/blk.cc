@@ -30,11 +30,6 @@ struct Input {
   const uint8_t* p;
   size_t n;
   uint8_t byte() { return n ? (--n, *p++) : 0; }
-  uint32_t u32() {
-    uint32_t v = 0;
-    for (int i = 0; i < 4; ++i) v |= uint32_t(byte()) << (8 * i);
-    return v;
-  }
 };
 }  // namespace
 
@@ -68,25 +63,37 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   NullGuest guest;
   dev.activate(mem.map, queues, features, guest);
 
-  // Up to four requests; each: buffer count, then per buffer a length (up to 64 KiB) and a
-  // writable bit; buffers are packed into guest memory and filled from the input.
+  // Layout first, contents after, so a mutation of one length does not shift every later field:
+  // up to four requests, each a shape byte (buffers - 1 in bits 0-1, 0x10 = indirect) and per buffer
+  // a u16 length (< 32 KiB) and a flags byte (bit 0 = device-writable). Then the buffers' bytes, in
+  // order, from what is left of the input (zeros once it runs out).
+  struct Planned {
+    std::vector<testing::DriverBuffer> bufs;
+    bool indirect;
+  };
+  std::vector<Planned> plan;
   uint64_t next = kBuffers;
   unsigned requests = 1 + in.byte() % 4;
   for (unsigned r = 0; r < requests; ++r) {
     uint8_t shape = in.byte();
-    unsigned count = 1 + shape % 4;
-    std::vector<testing::DriverBuffer> bufs;
-    for (unsigned i = 0; i < count; ++i) {
-      uint32_t len = in.u32();
-      bool writable = len & 0x80000000u;
-      len = (len & 0xffff) % 0x8000;
+    Planned p{{}, (shape & 0x10) != 0};
+    for (unsigned i = 0, count = 1 + shape % 4; i < count; ++i) {
+      uint32_t len = (in.byte() | uint32_t(in.byte()) << 8) % 0x8000;
+      bool writable = in.byte() & 1;
       if (next + len > kBase + kSize) break;
-      bufs.push_back({next, len, writable});
-      for (uint32_t j = 0; j < len && in.n; ++j) mem.at(next + j)[0] = in.byte();
+      p.bufs.push_back({next, len, writable});
       next += len;
     }
-    if (bufs.empty()) break;
-    driver.add(bufs, shape & 0x10);
+    if (!p.bufs.empty()) plan.push_back(std::move(p));
+  }
+  for (const Planned& p : plan) {
+    for (const auto& b : p.bufs) {
+      uint32_t n = b.len < in.n ? b.len : static_cast<uint32_t>(in.n);
+      if (n) std::memcpy(mem.at(b.gpa, n), in.p, n);
+      in.p += n;
+      in.n -= n;
+    }
+    driver.add(p.bufs, p.indirect);
   }
   driver.publish();
   dev.process(0);

@@ -32,20 +32,29 @@ mem[0x1900:0x1920] = desc(base + 0x2000, 16, NEXT, 1) + desc(base + 0x2200, 64, 
 mem[0x1000:0x1008] = struct.pack('<HHHH', 0, 2, 0, 3)
 write('queue', 'linux-chains', struct.pack('<HBHBBB', 16, 3, 0, 0, 0, 8) + bytes(mem))
 
-# blk.cc: mode, request count, then per request: shape (buffers - 1, 0x10 = indirect) and per
-# buffer a u32 (bit 31 = writable, low 15 bits = length) followed by its bytes.
-def request(type_, sector, data_len, data_writable, indirect=False, data=b''):
-    out = bytes([2 | (0x10 if indirect else 0)])
-    out += struct.pack('<I', 16) + struct.pack('<IIQ', type_, 0, sector)
-    out += struct.pack('<I', data_len | (0x80000000 if data_writable else 0)) + data.ljust(data_len, b'\0')
-    out += struct.pack('<I', 1 | 0x80000000) + b'\xff'
-    return out
+# blk.cc: mode (bit 0 read-only disk, bit 1 event idx, bit 2 no DISCARD), request count - 1, per
+# request a shape byte (buffers - 1, 0x10 = indirect) and per buffer <u16 length, u8 writable>;
+# then every buffer's bytes in order.
+def blk(mode, requests):
+    layout, contents = bytes([mode, len(requests) - 1]), b''
+    for bufs, indirect in requests:
+        layout += bytes([(len(bufs) - 1) | (0x10 if indirect else 0)])
+        for data, writable in bufs:
+            layout += struct.pack('<HB', len(data), 1 if writable else 0)
+            contents += data
+    return layout + contents
 
 
-write('blk', 'write-read', bytes([2, 1]) + request(1, 8, 512, False, data=b'skiff' * 100) + request(0, 8, 512, True, True))
-write('blk', 'discard', bytes([2, 1]) + request(11, 0, 16, False, data=struct.pack('<QII', 8, 8, 0)) + request(13, 0, 16, False, data=struct.pack('<QII', 16, 8, 1)))
-flush = bytes([1]) + struct.pack('<I', 16) + struct.pack('<IIQ', 4, 0, 0) + struct.pack('<I', 1 | 0x80000000) + b'\xff'
-write('blk', 'flush-getid', bytes([0, 1]) + flush + request(8, 0, 20, True))
+def header(type_, sector):
+    return struct.pack('<IIQ', type_, 0, sector)
+
+
+status = (b'\xff', True)
+write('blk', 'write-read', blk(2, [([(header(1, 8), False), (b'skiff' * 100 + b'xxxxxxxxxxxx', False), status], False),
+                                   ([(header(0, 8), False), (bytes(512), True), status], True)]))
+write('blk', 'discard-zeroes', blk(2, [([(header(11, 0), False), (struct.pack('<QII', 8, 8, 0), False), status], False),
+                                       ([(header(13, 0), False), (struct.pack('<QII', 16, 8, 1) * 2, False), status], False)]))
+write('blk', 'flush-getid', blk(0, [([(header(4, 0), False), status], False), ([(header(8, 0), False), (bytes(20), True), status], False)]))
 
 # mmio.cc: device byte (1 = blk), guest memory (half of the rest), then 7-byte accesses:
 # op (bit 0 write, bits 1-3 width index 0 = 4 bytes, bit 7 process queue), u16 offset, u32 value.
