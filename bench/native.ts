@@ -1,53 +1,200 @@
-// The native VMM's floor, inside one Node process through the library: Machine create → first
-// guest instruction → exit, on the smallest guest (the test-guest kit's exit=0), 20 VMs one after
-// another; then 20 at once. Reports the addon's own split (setup: config → first KVM_RUN; run:
-// first KVM_RUN → exit), the whole Promise round trip, and RSS growth.
-// Then whole processes, interleaved: `skiff boot --engine native` on the same guest, QEMU microvm
-// with KVM on the same guest, and `node -e 0` as Node's own floor.
-// Usage: node dist/bench/native.js [--runs N] [--process-runs N]
+// The native VMM's floor and footprint, inside one Node process through the library, on the
+// test-guest kit's guests (32 MiB each):
+// 1. one VM after another: Machine create → first guest instruction → exit (exit=0); the addon's
+//    own split (setup: config → first KVM_RUN; run: first KVM_RUN → exit), the whole Promise round
+//    trip, and RSS growth across them (a leak would show here);
+// 2. 20 VMs at once, alive together (each waits for a console line, echo): peak RSS, RSS growth
+//    per VM, and per-VM host memory beyond the guest's own touched pages (mincore of guest RAM);
+//    QEMU's RSS on the same guest, for comparison;
+// 3. a device doorbell round trip (doorbell test device): ring from guest ring 3 → event loop
+//    writes guest memory and raises the interrupt → guest sees both; backend (KVM ioeventfd and
+//    irqfd) against the VMM's own emulation, interleaved;
+// 4. whole processes, interleaved: `skiff boot --engine native`, QEMU microvm with KVM, `node -e 0`.
+// Usage: node dist/bench/native.js [--runs N] [--rounds N] [--process-runs N]
+import { spawn } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { packageRoot } from '../src/paths.js';
-import { loadAddon, type NativeResult } from '../src/vm/addon.js';
+import { loadAddon, type NativeMachineConfig, type NativeMachineHandle, type NativeResult } from '../src/vm/addon.js';
 import { median, timeProcess } from './measure.js';
 
-const row = (name: string, xs: number[]) => `| ${name} | ${median(xs).toFixed(2)} | ${Math.min(...xs).toFixed(2)}–${Math.max(...xs).toFixed(2)} |`;
-const rssMiB = () => process.memoryUsage().rss / 2 ** 20;
+type Addon = ReturnType<typeof loadAddon>;
+const MiB = 2 ** 20;
+const fmt = (x: number, digits = 2) => x.toFixed(digits);
+const row = (name: string, xs: number[], digits = 2) => `| ${name} | ${fmt(median(xs), digits)} | ${fmt(Math.min(...xs), digits)}–${fmt(Math.max(...xs), digits)} |`;
 
-async function once(addon: ReturnType<typeof loadAddon>, kernel: string): Promise<{ result: NativeResult; totalMs: number }> {
+/** VmRSS and VmHWM of this process, in bytes. */
+function status(): { rss: number; hwm: number } {
+  const text = readFileSync('/proc/self/status', 'utf8');
+  const kib = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? NaN) * 1024;
+  return { rss: kib('VmRSS'), hwm: kib('VmHWM') };
+}
+
+/**
+ * Kernel memory that is nobody's RSS: KVM's per-VM and per-vCPU structures and its page tables for
+ * the guest live here (unreclaimable slab, page tables, secondary page tables, kernel stacks).
+ * System-wide, so anything else running moves it too.
+ */
+function kernelSide(): number {
+  const text = readFileSync('/proc/meminfo', 'utf8');
+  const kib = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? 0) * 1024;
+  return kib('SUnreclaim') + kib('PageTables') + kib('SecPageTables') + kib('KernelStack');
+}
+
+/** Resets VmHWM to the current RSS (proc(5), clear_refs: 5). */
+function resetPeak(): void {
+  writeFileSync('/proc/self/clear_refs', '5');
+}
+
+function check(result: NativeResult, what: string): NativeResult {
+  if (result.kind !== 'exited' || result.status !== 0) throw new Error(`${what}: guest failed: ${JSON.stringify({ ...result, rip: String(result.rip) })}`);
+  return result;
+}
+
+async function once(addon: Addon, config: NativeMachineConfig): Promise<{ result: NativeResult; totalMs: number }> {
   const start = performance.now();
-  const machine = new addon.Machine({ kernel, cmdline: 'skiff.test=exit=0', cpus: 1, memoryMiB: 32 });
-  const result = await machine.start(() => {});
-  if (result.kind !== 'exited' || result.status !== 0) throw new Error(`guest failed: ${JSON.stringify({ ...result, rip: String(result.rip) })}`);
+  const machine = new addon.Machine(config);
+  const result = check(await machine.start(() => {}), config.cmdline);
   return { result, totalMs: performance.now() - start };
 }
 
+/** n echo guests alive at once: resolves when every one has said it is ready for input. */
+async function crowd(addon: Addon, kernel: string, n: number) {
+  const machines: { handle: NativeMachineHandle; done: Promise<NativeResult> }[] = [];
+  const ready: Promise<void>[] = [];
+  for (let i = 0; i < n; i++) {
+    const handle = new addon.Machine({ kernel, cmdline: 'skiff.test=echo', cpus: 1, memoryMiB: 32 });
+    let out = '';
+    let markReady: () => void = () => {};
+    ready.push(new Promise((r) => (markReady = r)));
+    const done = handle.start((chunk) => {
+      out += chunk.toString('latin1');
+      if (out.includes('guest: ready for input')) markReady();
+    });
+    machines.push({ handle, done });
+  }
+  await Promise.all(ready);
+  return machines;
+}
+
+async function together(addon: Addon, kernel: string, n: number, rounds: number) {
+  const peak: number[] = [];
+  const growth: number[] = [];
+  const overhead: number[] = [];
+  const guest: number[] = [];
+  const startMs: number[] = [];
+  const kernel_: number[] = [];
+  for (let r = 0; r < rounds; r++) {
+    await new Promise((res) => setTimeout(res, 50));
+    const before = status().rss;
+    const kernelBefore = kernelSide();
+    resetPeak();
+    const t0 = performance.now();
+    const machines = await crowd(addon, kernel, n);
+    startMs.push(performance.now() - t0);
+    const { rss } = status();
+    kernel_.push((kernelSide() - kernelBefore) / n / MiB);
+    const guestBytes = machines.reduce((sum, m) => sum + m.handle.guestResidentBytes(), 0);
+    for (const m of machines) m.handle.input(Buffer.from('bye\n'));
+    for (const m of machines) check(await m.done, 'echo');
+    const { hwm } = status();
+    peak.push(hwm / MiB);
+    growth.push((rss - before) / n / MiB);
+    guest.push(guestBytes / n / MiB);
+    overhead.push((rss - before - guestBytes) / n / MiB);
+  }
+  return { peak, growth, overhead, guest, startMs, kernel: kernel_ };
+}
+
+/** QEMU microvm with KVM on the same echo guest: its RSS once the guest says it is ready. */
+function qemuRss(kernel: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const args = ['-M', 'microvm,acpi=off', '-accel', 'kvm', '-nodefaults', '-no-user-config', '-nographic', '-serial', 'stdio', '-no-reboot', '-m', '32M', '-kernel', kernel, '-append', 'skiff.test=echo', '-device', 'isa-debug-exit,iobase=0xf4,iosize=4'];
+    const child = spawn('qemu-system-x86_64', args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    let rss = NaN;
+    child.stdout.on('data', (d) => {
+      out += d;
+      if (Number.isNaN(rss) && out.includes('guest: ready for input')) {
+        const text = readFileSync(`/proc/${child.pid}/status`, 'utf8');
+        rss = Number(/^VmRSS:\s+(\d+) kB/m.exec(text)?.[1]) * 1024;
+        child.stdin.end('bye\n');
+      }
+    });
+    child.on('error', reject);
+    child.on('close', () => (Number.isNaN(rss) ? reject(new Error(`qemu: ${out.slice(-300)}`)) : resolve(rss / MiB)));
+  });
+}
+
+async function doorbells(addon: Addon, kernel: string, rounds: number, rings: number) {
+  const paths: [string, Partial<NativeMachineConfig>][] = [
+    ['backend: KVM ioeventfd + irqfd', {}],
+    ['emulated: MMIO exit + KVM_IRQ_LINE from the loop', { emulateDoorbells: true, emulateInterruptLines: true }],
+    ['doorbell emulated, interrupt backend (irqfd)', { emulateDoorbells: true }],
+    ['doorbell backend (ioeventfd), interrupt emulated', { emulateInterruptLines: true }],
+  ];
+  const perRing = paths.map(() => [] as number[]);
+  for (let r = 0; r < rounds; r++) {
+    for (const [j, [, opts]] of paths.entries()) {
+      const base = { kernel, cpus: 1, memoryMiB: 32, doorbellTest: true, ...opts };
+      const one = await once(addon, { ...base, cmdline: 'skiff.test=doorbell=1' });
+      const many = await once(addon, { ...base, cmdline: `skiff.test=doorbell=${rings + 1}` });
+      if (!many.result.events.includes(opts.emulateDoorbells ? 'doorbells backend=0' : 'doorbells backend=1')) throw new Error(`unexpected path: ${many.result.events}`);
+      perRing[j].push(((many.result.runMs - one.result.runMs) / rings) * 1000);
+    }
+  }
+  return paths.map(([name], j) => [name, perRing[j]] as const);
+}
+
 async function main() {
-  const { values } = parseArgs({ options: { runs: { type: 'string', default: '20' }, 'process-runs': { type: 'string', default: '15' } } });
+  const { values } = parseArgs({ options: { runs: { type: 'string', default: '20' }, rounds: { type: 'string', default: '5' }, 'process-runs': { type: 'string', default: '15' } } });
   const runs = Number(values.runs);
+  const rounds = Number(values.rounds);
   const kernel = path.join(packageRoot(), 'test', 'guests', 'out', 'skiff-test-guest.elf');
   const addon = loadAddon();
-  await once(addon, kernel); // warm: addon and file cache
-  const rss0 = rssMiB();
+  const exit0 = { kernel, cmdline: 'skiff.test=exit=0', cpus: 1, memoryMiB: 32 };
+  await once(addon, exit0); // warm: addon and file cache
+  const rss0 = status().rss / MiB;
   const serial: Awaited<ReturnType<typeof once>>[] = [];
-  for (let i = 0; i < runs; i++) serial.push(await once(addon, kernel));
-  const rss1 = rssMiB();
-  const parallelStart = performance.now();
-  await Promise.all(Array.from({ length: runs }, () => once(addon, kernel)));
-  const parallelMs = performance.now() - parallelStart;
-  const rss2 = rssMiB();
-  console.log(`# Native VMM floor (${process.versions.node}, backend ${addon.probe().backend}; ${runs} VMs, 32 MiB each, test guest exit=0)\n`);
+  for (let i = 0; i < runs; i++) serial.push(await once(addon, exit0));
+  const rss1 = status().rss / MiB;
+  console.log(`# Native VMM (Node ${process.versions.node}, backend ${addon.probe().backend}; test guest, 32 MiB per VM)\n`);
+  console.log(`## ${runs} VMs one after another (exit=0)\n`);
   console.log('| phase | median ms | min–max ms |');
   console.log('|---|---:|---:|');
-  console.log(row('setup: config → first KVM_RUN (VM, memory, load, vCPU)', serial.map((s) => s.result.setupMs)));
+  console.log(row('setup: config → first KVM_RUN (VM, memory, load, irqchip, vCPU)', serial.map((s) => s.result.setupMs)));
   console.log(row('run: first KVM_RUN → exit device', serial.map((s) => s.result.runMs)));
   console.log(row('whole: new Machine → Promise resolved', serial.map((s) => s.totalMs)));
-  console.log(`\n${runs} VMs at once: ${parallelMs.toFixed(1)} ms in all.`);
-  console.log(`RSS: ${rss0.toFixed(1)} MiB before, ${rss1.toFixed(1)} MiB after ${runs} sequential VMs (${(rss1 - rss0).toFixed(1)} MiB growth), ${rss2.toFixed(1)} MiB after ${runs} at once.`);
+  console.log(`\nRSS ${fmt(rss0, 1)} MiB before, ${fmt(rss1, 1)} MiB after ${runs} VMs one after another (${fmt(rss1 - rss0, 1)} MiB growth).`);
+
+  const n = 20;
+  const crowdStats = await together(addon, kernel, n, rounds);
+  const qemu: number[] = [];
+  for (let r = 0; r < rounds; r++) qemu.push(await qemuRss(kernel));
+  console.log(`\n## ${n} VMs alive at once in this process (echo guest, waiting for input), ${rounds} rounds\n`);
+  console.log('| what | median | min–max |');
+  console.log('|---|---:|---:|');
+  console.log(row(`time until all ${n} are ready, ms`, crowdStats.startMs, 1));
+  console.log(row('peak RSS of the process, MiB', crowdStats.peak, 1));
+  console.log(row('RSS growth per VM, MiB', crowdStats.growth));
+  console.log(row("guest RAM resident per VM (the guest's touched pages), MiB", crowdStats.guest));
+  console.log(row('host memory per VM beyond its guest pages, MiB', crowdStats.overhead));
+  console.log(row("kernel memory per VM (KVM's structures and page tables; system-wide delta, noisy), MiB", crowdStats.kernel));
+  console.log(row('QEMU microvm -accel kvm, same guest, whole process RSS, MiB', qemu, 1));
+
+  const rings = 1000;
+  console.log(`\n## Doorbell round trip (ring 3 → event loop → memory write + interrupt → guest), ${rounds} rounds, interleaved\n`);
+  console.log('µs per round trip = (run with 1001 rings − run with 1) / 1000.\n');
+  console.log('| path | median µs | min–max µs |');
+  console.log('|---|---:|---:|');
+  for (const [name, xs] of await doorbells(addon, kernel, rounds, rings)) console.log(row(name, xs, 1));
+
   await wholeProcesses(kernel, Number(values['process-runs']));
 }
 
 async function wholeProcesses(kernel: string, runs: number): Promise<void> {
+  if (runs <= 0) return;
   const cli = path.join(packageRoot(), 'dist', 'bundle', 'skiff.js');
   // QEMU's exit code for isa-debug-exit status 0 is 1. Default CPU model: `-cpu host` fails to set
   // an MSR under KVM on PVM.
@@ -61,7 +208,7 @@ async function wholeProcesses(kernel: string, runs: number): Promise<void> {
   for (let i = 0; i < runs; i++) {
     for (const [j, [, cmd, args, okCode]] of subjects.entries()) times[j].push(await timeProcess(cmd, args, okCode));
   }
-  console.log(`\n# Whole processes, same guest (${runs} interleaved runs)\n`);
+  console.log(`\n## Whole processes, same guest (${runs} interleaved runs)\n`);
   console.log('| what | median ms | min–max ms |');
   console.log('|---|---:|---:|');
   subjects.forEach(([name], j) => console.log(row(name, times[j])));

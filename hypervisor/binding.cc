@@ -47,7 +47,8 @@ using MachineTsfn = Napi::TypedThreadSafeFunction<MachineWrap, Message, Deliver>
 class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "Machine", {InstanceMethod("start", &MachineWrap::Start), InstanceMethod("kill", &MachineWrap::Kill), InstanceMethod("input", &MachineWrap::Input)});
+    return DefineClass(env, "Machine", {InstanceMethod("start", &MachineWrap::Start), InstanceMethod("kill", &MachineWrap::Kill), InstanceMethod("input", &MachineWrap::Input),
+                                       InstanceMethod("guestResidentBytes", &MachineWrap::GuestResidentBytes)});
   }
 
   explicit MachineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MachineWrap>(info) {
@@ -149,6 +150,11 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
   Napi::Value Kill(const Napi::CallbackInfo& info) {
     if (machine_) machine_->kill();
     return info.Env().Undefined();
+  }
+
+  // Host bytes backing guest RAM right now (mincore); 0 before boot and after the end.
+  Napi::Value GuestResidentBytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), machine_ ? static_cast<double>(machine_->guestResidentBytes()) : 0);
   }
 
   Napi::Value Input(const Napi::CallbackInfo& info) {

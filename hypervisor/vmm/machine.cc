@@ -1,6 +1,7 @@
 #include "vmm/machine.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -125,8 +126,24 @@ void Machine::teardown() {
   doorbells_.clear();
   lines_.clear();
   vm_.reset();
-  memory_.reset();
+  {
+    std::lock_guard<std::mutex> lock(memoryMu_);
+    memory_.reset();
+  }
   hypervisor_.reset();
+}
+
+uint64_t Machine::guestResidentBytes() {
+  std::lock_guard<std::mutex> lock(memoryMu_);
+  if (!memory_) return 0;
+  uint64_t bytes = 0;
+  std::vector<unsigned char> pages;
+  for (const auto& r : memory_->regions()) {
+    pages.resize(r.size / layout::kPageSize);
+    if (mincore(r.host, r.size, pages.data()) < 0) continue;
+    for (unsigned char p : pages) bytes += (p & 1) ? layout::kPageSize : 0;
+  }
+  return bytes;
 }
 
 void Machine::requestStop(MachineResult::Kind kind, uint32_t status, const std::string& detail, uint64_t rip) {
@@ -300,7 +317,10 @@ MachineResult Machine::boot() {
   // an ELF vmlinux, else the 64-bit boot protocol for a bzImage), initrd, boot info, vCPUs.
   hypervisor_ = openHypervisor();
   vm_ = hypervisor_->createVm(config_.cpus);
-  memory_ = std::make_unique<GuestMemory>(config_.memoryBytes);
+  {
+    std::lock_guard<std::mutex> lock(memoryMu_);
+    memory_ = std::make_unique<GuestMemory>(config_.memoryBytes);
+  }
   const GuestMemory& memory = *memory_;
   uint32_t slot = 0;
   for (const auto& r : memory.regions()) vm_->mapMemory(slot++, r.gpa, r.host, r.size);

@@ -63,6 +63,9 @@ class Machine final : public ExitHandler, private DeviceHost {
   // From any thread; neither blocks (input is handed to the event loop).
   void kill();
   void consoleInput(const uint8_t* data, size_t size);
+  // Host memory backing guest RAM right now (pages the guest or the loader touched); 0 before
+  // boot and after the end. From any thread; for benchmarks.
+  uint64_t guestResidentBytes();
 
   // ExitHandler (vCPU thread)
   void portIo(uint16_t port, uint8_t* data, uint32_t size, bool write) override;
@@ -98,6 +101,7 @@ class Machine final : public ExitHandler, private DeviceHost {
   std::unique_ptr<Hypervisor> hypervisor_;
   std::unique_ptr<Vm> vm_;
   std::unique_ptr<GuestMemory> memory_;
+  std::mutex memoryMu_;  // guestResidentBytes() against teardown
   MmioBus bus_;
   std::vector<std::unique_ptr<MachineDoorbell>> doorbells_;
   std::vector<std::unique_ptr<MachineInterruptLine>> lines_;

@@ -19,6 +19,8 @@ export interface NativeMachineHandle {
   start(onConsole: (chunk: Buffer) => void): Promise<NativeResult>;
   input(chunk: Buffer): void;
   kill(): void;
+  /** Host bytes backing guest RAM right now (pages touched); 0 before boot and after the end. For benchmarks. */
+  guestResidentBytes(): number;
 }
 
 export interface NativeMachineConfig {
