@@ -1,6 +1,6 @@
 // UKI writer and reader: against binutils as an independent PE reader, against malformed and
 // mutated files, and a real boot of a written UKI under QEMU + OVMF (standard UEFI firmware).
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import { execFile, execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, promises as fs, mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -393,55 +393,83 @@ function runQemu(args: string[], timeoutMs: number, failed: RegExp): Promise<Qem
   });
 }
 
-test('a written UKI boots under QEMU + OVMF as a plain UEFI application and runs the command', async (t) => {
-  t.timeout(OVMF_BOOT_TIMEOUT_MS + 60_000);
+const OVMF_ARGS = [
+  '-nodefaults',
+  '-no-user-config',
+  '-nographic',
+  '-machine', 'q35',
+  '-accel', 'tcg',
+  '-m', '512',
+  '-bios', OVMF,
+  '-serial', 'stdio',
+  '-no-reboot',
+  '-device', `isa-debug-exit,iobase=0x${EXIT_PORT.toString(16)},iosize=4`,
+];
+
+/** The kernel command line that makes skiff-init echo `token` and end the VM through the exit port. */
+const echoCmdline = (token: string): string =>
+  ['console=ttyS0', 'panic=-1', `skiff.exit_port=0x${EXIT_PORT.toString(16)}`, `skiff.cmd=${encodeCommand(['echo', token])}`].join(' ');
+
+async function skiffUki(t: ExecutionContext, cmdline: string): Promise<Buffer | undefined> {
   const kernel = await cachedKernel();
-  if (!kernel) return t.fail('the default kernel is not built: run "node dist/bundle/skiff.js kernel build"');
-  const config = await fs.readFile(kernel.config, 'utf8');
-  if (!/^CONFIG_EFI_STUB=y$/m.test(config)) return t.fail(`the cached kernel ${kernel.version} has no EFI stub (CONFIG_EFI_STUB): rebuild it`);
-  const token = `uki-ok-${randomBytes(6).toString('hex')}`;
-  const cmdline = [
-    'console=ttyS0',
-    'panic=-1',
-    `skiff.exit_port=0x${EXIT_PORT.toString(16)}`,
-    `skiff.cmd=${encodeCommand(['echo', token])}`,
-  ].join(' ');
-  const image = await writeUki({
+  if (!kernel) {
+    t.fail('the default kernel is not built: run "node dist/bundle/skiff.js kernel build"');
+    return undefined;
+  }
+  if (!/^CONFIG_EFI_STUB=y$/m.test(await fs.readFile(kernel.config, 'utf8'))) {
+    t.fail(`the cached kernel ${kernel.version} has no EFI stub (CONFIG_EFI_STUB): rebuild it`);
+    return undefined;
+  }
+  return writeUki({
     linux: await fs.readFile(kernel.bzImage),
     initrd: await fs.readFile(await defaultInitrd()),
     cmdline,
     uname: kernel.version,
     osrel: 'ID=skiff\n',
   });
-  // The removable-media path every UEFI firmware boots without any boot entry.
-  const esp = path.join(dir, 'esp');
-  await fs.mkdir(path.join(esp, 'EFI', 'BOOT'), { recursive: true });
-  await fs.writeFile(path.join(esp, 'EFI', 'BOOT', 'BOOTX64.EFI'), image);
-  const r = await runQemu(
-    [
-      '-nodefaults',
-      '-no-user-config',
-      '-nographic',
-      '-machine', 'q35',
-      '-accel', 'tcg',
-      '-m', '512',
-      '-bios', OVMF,
-      '-serial', 'stdio',
-      '-no-reboot',
-      // QEMU's vvfat serves the directory as a FAT disk; read-only needs a device that allows it.
-      '-drive', `if=none,id=esp,format=raw,file=fat:${esp},readonly=on`,
-      '-device', 'virtio-blk-pci,drive=esp',
-      '-device', `isa-debug-exit,iobase=0x${EXIT_PORT.toString(16)},iosize=4`,
-    ],
-    OVMF_BOOT_TIMEOUT_MS,
-    /failed to start Boot\d+ "UEFI/,
-  );
-  const firmware = r.firmwareMs === undefined ? '?' : (r.firmwareMs / 1000).toFixed(1);
-  t.log(`OVMF boot under TCG: firmware to the UKI ${firmware} s, to the command's exit ${(r.ms / 1000).toFixed(1)} s`);
+}
+
+/** Boots under OVMF; the guest must print `token` on a line of its own and exit with status 0. */
+async function bootsAndEchoes(t: ExecutionContext, qemuArgs: string[], token: string): Promise<QemuResult> {
+  // Should the UKI fail, OVMF moves on to its built-in shell and would wait there until the deadline.
+  const r = await runQemu([...OVMF_ARGS, ...qemuArgs], OVMF_BOOT_TIMEOUT_MS, /starting Boot\d+ "EFI Internal Shell"/);
   // OVMF paints the screen with ANSI escapes; drop them so failures read as text.
   const tail = r.output.replace(/\x1b\[[0-9;=]*[A-Za-z]/g, '').slice(-3000);
   t.false(r.timedOut, `QEMU did not end within ${OVMF_BOOT_TIMEOUT_MS / 1000} s:\n${tail}`);
   t.regex(r.output, new RegExp(`^${token}\\r?$`, 'm'), tail);
   // isa-debug-exit: QEMU exits with (status << 1) | 1, so echo's 0 is 1.
   t.is(r.code, 1, tail);
+  return r;
+}
+
+test('a written UKI boots under QEMU + OVMF from a FAT ESP (EFI/BOOT/BOOTX64.EFI) and runs the command', async (t) => {
+  t.timeout(OVMF_BOOT_TIMEOUT_MS + 60_000);
+  const token = `uki-ok-${randomBytes(6).toString('hex')}`;
+  const image = await skiffUki(t, echoCmdline(token));
+  if (!image) return;
+  // The removable-media path every UEFI firmware boots without any boot entry.
+  const esp = path.join(dir, 'esp');
+  await fs.mkdir(path.join(esp, 'EFI', 'BOOT'), { recursive: true });
+  await fs.writeFile(path.join(esp, 'EFI', 'BOOT', 'BOOTX64.EFI'), image);
+  const r = await bootsAndEchoes(
+    t,
+    // QEMU's vvfat serves the directory as a FAT disk; read-only needs a device that allows it.
+    ['-drive', `if=none,id=esp,format=raw,file=fat:${esp},readonly=on`, '-device', 'virtio-blk-pci,drive=esp'],
+    token,
+  );
+  const firmware = r.firmwareMs === undefined ? '?' : (r.firmwareMs / 1000).toFixed(1);
+  t.log(`OVMF boot under TCG: firmware to the UKI ${firmware} s, to the command's exit ${(r.ms / 1000).toFixed(1)} s`);
+});
+
+test('under OVMF -kernel UKI.efi boots too, and -append (the LoadOptions) replaces the built-in .cmdline', async (t) => {
+  t.timeout(OVMF_BOOT_TIMEOUT_MS + 60_000);
+  const builtIn = `uki-builtin-${randomBytes(6).toString('hex')}`;
+  const appended = `uki-appended-${randomBytes(6).toString('hex')}`;
+  const image = await skiffUki(t, echoCmdline(builtIn));
+  if (!image) return;
+  const file = await writeTemp('kernel-arg.efi', image);
+  // systemd-stub 252 without Secure Boot: non-empty LoadOptions win over .cmdline.
+  const r = await bootsAndEchoes(t, ['-kernel', file, '-append', echoCmdline(appended)], appended);
+  t.false(r.output.includes(builtIn), 'the built-in command line was not used');
+  t.log(`OVMF -kernel boot under TCG: ${(r.ms / 1000).toFixed(1)} s`);
 });
