@@ -331,7 +331,11 @@ test('400 seeded mutations of a real UKI only ever parse or throw UkiError', (t)
   }
   function tryParse(bytes: Uint8Array, what: string) {
     try {
-      parseUki(bytes);
+      const u = parseUki(bytes);
+      // A parse that succeeds must be a right answer: each payload whole, as its header says.
+      const size = (name: string) => u.sections.find((s) => s.name === name)?.virtualSize;
+      if (u.linux.length !== size('.linux')) t.fail(`${what}: .linux is ${u.linux.length} bytes, its header says ${size('.linux')}`);
+      if (u.initrd && u.initrd.length !== size('.initrd')) t.fail(`${what}: .initrd is ${u.initrd.length} bytes, its header says ${size('.initrd')}`);
       parsed++;
     } catch (err) {
       if (!(err instanceof UkiError)) t.fail(`${what}: ${(err as Error).name}: ${(err as Error).message}`);
