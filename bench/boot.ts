@@ -4,15 +4,18 @@
 //     time), and skiff-init prints the TSC in its ready marker. Compared: skiff's kernel (vmlinux via
 //     PVH, and bzImage) against Debian's stock cloud kernel, all with the same initrd.
 //  2. Host time of a whole `skiff boot -- true` against QEMU's own run of the same guest, and Node's
-//     own start as the floor: interleaved runs, medians.
+//     own start as the floor: interleaved runs, medians. Also a UKI booted directly against the same
+//     kernel (bzImage) and initrd given as files.
 // Usage: node dist/bench/boot.js [--runs N] [--host-runs N] [--no-debian] [--json FILE]
 import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs, promisify } from 'node:util';
-import { defaultInitrd } from '../src/initrd/default.js';
-import { cachedKernel } from '../src/kernel/build.js';
+import { buildImage } from '../src/image/build.js';
+import { defaultImage, defaultSpecFile } from '../src/image/default.js';
+import { readSpec } from '../src/spec/spec.js';
+import { cachedKernel, defaultFragment } from '../src/kernel/build.js';
 import { packageRoot } from '../src/paths.js';
 import { cacheDir, exists } from '../src/store/store.js';
 import { makeVmConfig, type VmConfig } from '../src/vm/config.js';
@@ -72,7 +75,8 @@ async function main() {
   const hostRuns = Number(values['host-runs']);
   const kernel = await cachedKernel();
   if (!kernel) throw new Error('build the kernel first: node dist/bundle/skiff.js kernel build');
-  const initrd = await defaultInitrd();
+  const image = await defaultImage();
+  const initrd = image.initrd!;
   const command = ['true'];
 
   const subjects: { name: string; kernel: string }[] = [
@@ -105,21 +109,32 @@ async function main() {
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-bench-'));
   const direct = qemuArgs(config, path.join(scratch, 'status'), { accel: 'tcg' });
   const cli = path.join(packageRoot(), 'dist', 'bundle', 'skiff.js');
-  const host = { node: [] as number[], qemu: [] as number[], skiff: [] as number[] };
+  const uki = path.join(scratch, 'default.efi');
+  await buildImage(await readSpec(defaultSpecFile(), { fragment: defaultFragment() }), { format: 'uki', output: uki });
+  const host = { node: [] as number[], qemu: [] as number[], skiff: [] as number[], uki: [] as number[], files: [] as number[] };
   for (let i = 0; i < hostRuns; i++) {
     host.node.push(await timeProcess(process.execPath, ['-e', '0']));
     host.qemu.push(await timeProcess(QEMU_BINARY, direct, 1)); // isa-debug-exit status 0 → exit 1
-    host.skiff.push(await timeProcess(process.execPath, [cli, 'boot', '--engine', 'qemu', '--kernel', kernel.vmlinux, '--', ...command]));
+    host.skiff.push(await timeProcess(process.execPath, [cli, 'boot', '--engine', 'qemu', '--', ...command]));
+    host.uki.push(await timeProcess(process.execPath, [cli, 'boot', uki, '--engine', 'qemu', '--', ...command]));
+    host.files.push(await timeProcess(process.execPath, [cli, 'boot', '--engine', 'qemu', '--kernel', kernel.bzImage, '--initrd', initrd, '--', ...command]));
   }
   await fs.rm(scratch, { recursive: true, force: true });
   console.log(`\n# Host wall time, whole process (${hostRuns} interleaved runs, TCG, guest runs \`true\`)\n`);
   console.log('| what | median ms | min–max ms |');
   console.log('|---|---:|---:|');
-  for (const [name, xs] of [['node -e 0', host.node], ['qemu-system-x86_64 (same guest, direct)', host.qemu], ['skiff boot -- true', host.skiff]] as const) {
+  for (const [name, xs] of [
+    ['node -e 0', host.node],
+    ['qemu-system-x86_64 (same guest, direct)', host.qemu],
+    ['skiff boot -- true (default image: vmlinux, PVH)', host.skiff],
+    ['skiff boot default.efi -- true (UKI: bzImage + initrd from its sections)', host.uki],
+    ['skiff boot --kernel bzImage --initrd initrd -- true (the same as files)', host.files],
+  ] as const) {
     console.log(`| ${name} | ${fmt(median(xs), 0)} | ${fmt(Math.min(...xs), 0)}–${fmt(Math.max(...xs), 0)} |`);
   }
   const overhead = median(host.skiff.map((s, i) => s - host.qemu[i]));
   console.log(`\nskiff's host overhead over QEMU alone (median of paired differences): **${fmt(overhead, 0)} ms**`);
+  console.log(`UKI booted directly vs the same bzImage + initrd as files (median of paired differences): **${fmt(median(host.uki.map((u, i) => u - host.files[i])), 0)} ms**`);
   if (values.json) await fs.writeFile(values.json, JSON.stringify({ guest, host, overheadMs: overhead, date: new Date().toISOString() }, null, 2));
 }
 

@@ -2,16 +2,19 @@ import { Command, Option } from 'clipanion';
 import * as t from 'typanion';
 import { EXIT_SKIFF_ERROR, EXIT_TIMEOUT, SkiffCommand } from './base.js';
 import { makeProgress } from './progress.js';
-import { kernelProgress } from './kernel/progress.js';
+import { imageProgress } from './image-progress.js';
 
 export class BootCommand extends SkiffCommand {
   static override paths = [['boot']];
   static override usage = Command.Usage({
     description: 'boot a Linux guest and run one command in it',
     details: `
-      Boots a kernel and initrd in a microVM, streams its console, and exits with the status of the
-      command that skiff-init ran in the guest. With no --kernel, the default kernel is built (once,
-      about 8 minutes) and cached; with no --initrd, a default initrd of skiff-init and busybox is used.
+      Boots a boot image in a microVM, streams its console, and exits with the status of the command
+      that skiff-init ran in the guest. IMAGE is a UKI (.efi) or an image directory made by
+      \`skiff build\`; its kernel and initrd are booted directly, without firmware, and its command line
+      comes before skiff's own additions. With no IMAGE, the default image (images/default.yml:
+      skiff's kernel, skiff-init, busybox) is built on first use (the kernel takes about 8 minutes)
+      and cached. --kernel and --initrd replace the image's parts.
       With no command, an interactive shell runs on the console (Ctrl-] ends the VM).
 
       Exit status: the guest command's own; 124 if --timeout expired; 125 if skiff or the guest
@@ -19,6 +22,7 @@ export class BootCommand extends SkiffCommand {
     `,
     examples: [
       ['Print the guest kernel version', '$0 boot -- uname -r'],
+      ['Boot a UKI made by skiff build', '$0 boot my.efi -- cat /etc/motd'],
       ['A guest command exit status comes back', "$0 boot -- sh -c 'exit 7'; echo $?"],
       ['Two vCPUs and 512 MiB', '$0 boot --cpus 2 --memory 512 -- nproc'],
       ['Your own kernel and initrd', '$0 boot --kernel ./bzImage --initrd ./initrd.cpio --cmdline "loglevel=7"'],
@@ -26,15 +30,15 @@ export class BootCommand extends SkiffCommand {
   });
 
   engine = Option.String('--engine', 'auto', { description: 'auto | qemu | native', validator: t.isEnum(['auto', 'qemu', 'native'] as const) });
-  kernel = Option.String('--kernel', { description: 'Kernel: ELF vmlinux with a PVH note, or bzImage (default: the cached skiff kernel)' });
-  initrd = Option.String('--initrd', { description: 'Initial ramdisk, cpio (default: skiff-init + busybox)' });
+  kernel = Option.String('--kernel', { description: "Kernel: ELF vmlinux with a PVH note, or bzImage (default: the image's)" });
+  initrd = Option.String('--initrd', { description: "Initial ramdisk, cpio (default: the image's)" });
   cmdline = Option.String('--cmdline', { description: "Extra kernel command line, appended to skiff's" });
   cpus = Option.String('--cpus', { description: 'vCPUs (1-64, default 1)', validator: t.isNumber() });
   memory = Option.String('--memory,-m', { description: 'Memory in MiB (default 256)', validator: t.isNumber() });
   timeout = Option.String('--timeout', { description: 'Stop the guest after this many seconds (exit 124)', validator: t.isNumber() });
   verbose = Option.Boolean('--verbose,-v', false, { description: "Show the kernel's boot messages and skiff's engine choice" });
   quiet = Option.Boolean('--quiet,-q', false, { description: 'No progress output' });
-  command = Option.Rest({ name: 'command' });
+  rest = Option.Rest({ name: '[IMAGE] [-- command]' });
 
   async run() {
     const [{ selectEngine, probeHost }, { makeVmConfig }, { startMachine }, { describeExit }] = await Promise.all([
@@ -48,13 +52,12 @@ export class BootCommand extends SkiffCommand {
     const selection = selectEngine(this.engine, host);
     if (selection.reason) await this.noteOnce(host.pvm ? 'pvm' : 'tcg', selection.reason);
 
-    const kernel = this.kernel ?? (await this.defaultKernel());
-    const initrd = this.initrd ?? (await (await import('../src/initrd/default.js')).defaultInitrd());
+    const { image, command } = await this.imageAndCommand();
     const config = await makeVmConfig({
-      kernel,
-      initrd,
-      cmdline: this.cmdline,
-      command: this.command.length > 0 ? this.command : undefined,
+      kernel: this.kernel ?? image.kernel,
+      initrd: this.initrd ?? image.initrd,
+      cmdline: [image.cmdline, this.cmdline].filter(Boolean).join(' '),
+      command: command.length > 0 ? command : undefined,
       cpus: this.cpus,
       memoryMiB: this.memory,
       timeoutSec: this.timeout,
@@ -67,7 +70,7 @@ export class BootCommand extends SkiffCommand {
     // skiff's own last words must start on a line of their own, even if the guest's did not end one.
     let midLine = false;
     machine.output.on('data', (chunk: Buffer) => (midLine = chunk.length > 0 && chunk[chunk.length - 1] !== 0x0a));
-    const detach = this.attachInput(machine, this.command.length === 0);
+    const detach = this.attachInput(machine, command.length === 0);
     const onSignal = () => machine.kill();
     process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
     machine.ready.then((m) => {
@@ -82,15 +85,17 @@ export class BootCommand extends SkiffCommand {
     return exit.kind === 'timeout' ? EXIT_TIMEOUT : EXIT_SKIFF_ERROR;
   }
 
-  private async defaultKernel(): Promise<string> {
-    const { buildKernel, cachedKernel, defaultFragment } = await import('../src/kernel/build.js');
-    const cached = await cachedKernel();
-    if (cached) return cached.vmlinux;
+  /** A first word that names a boot image (a .efi file, an image directory) is the image; the rest is the command. */
+  private async imageAndCommand(): Promise<{ image: import('../src/image/open.js').BootableImage; command: string[] }> {
+    const { looksLikeImage, openImage } = await import('../src/image/open.js');
+    if (this.rest.length > 0 && (await looksLikeImage(this.rest[0]))) {
+      return { image: await openImage(this.rest[0]), command: this.rest.slice(1) };
+    }
+    const { defaultImage } = await import('../src/image/default.js');
     const progress = await makeProgress(this.context.stderr, this.quiet);
-    progress.step('skiff: building the default guest kernel (first use only, about 8 minutes on 2 cores)');
-    const built = await buildKernel({ fragment: defaultFragment(), onProgress: kernelProgress(progress) });
+    const image = await defaultImage({ onProgress: imageProgress(progress) });
     progress.done();
-    return built.vmlinux;
+    return { image, command: this.rest };
   }
 
   /** Console input: forwarded for an interactive shell; a terminal goes raw and Ctrl-] ends the VM. */

@@ -3,6 +3,8 @@
 // so start-up costs only what the chosen command needs.
 import { Builtins, Cli } from 'clipanion';
 import { BootCommand } from './boot.js';
+import { BuildCommand } from './build.js';
+import { InspectCommand } from './inspect.js';
 import { KernelBuildCommand } from './kernel/build.js';
 import { KernelInfoCommand } from './kernel/info.js';
 
@@ -10,6 +12,8 @@ const cli = new Cli({ binaryLabel: 'skiff', binaryName: 'skiff', binaryVersion: 
 cli.register(Builtins.HelpCommand);
 cli.register(Builtins.VersionCommand);
 cli.register(BootCommand);
+cli.register(BuildCommand);
+cli.register(InspectCommand);
 cli.register(KernelBuildCommand);
 cli.register(KernelInfoCommand);
 cli.runExit(process.argv.slice(2));
