@@ -111,7 +111,7 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
     started_ = true;
     deferred_ = std::make_unique<Napi::Promise::Deferred>(env);
     try {
-      machine_ = std::make_unique<skiff::Machine>(config_, [this](const uint8_t* data, size_t size) {
+      machine_ = std::make_shared<skiff::Machine>(config_, [this](const uint8_t* data, size_t size) {
         auto* msg = new Message{std::string(reinterpret_cast<const char*>(data), size), nullptr};
         if (tsfn_.NonBlockingCall(msg) != napi_ok) delete msg;
       });
@@ -123,10 +123,13 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
     Ref();  // the wrapper must outlive the machine thread
 
     // Once the ending is queued, JS may finish and collect this wrapper at any moment: the thread
-    // works on its own copies (the machine stays alive until the ending is delivered).
-    std::thread([machine = machine_.get(), tsfn = tsfn_]() mutable {
+    // works on its own copies and holds the machine, whose VM it frees after the ending is sent
+    // (that takes milliseconds on KVM on PVM: never on the JS thread, never before JS hears).
+    std::thread([machine = machine_, tsfn = tsfn_]() mutable {
       auto* msg = new Message{"", std::make_unique<skiff::MachineResult>(machine->run())};
       if (tsfn.BlockingCall(msg) != napi_ok) delete msg;
+      machine->shutdown();
+      machine.reset();  // the last owner may be this thread: then the machine ends here
       tsfn.Release();
     }).detach();
     return deferred_->Promise();
@@ -167,7 +170,7 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
 
   skiff::MachineConfig config_;
   bool started_ = false;
-  std::unique_ptr<skiff::Machine> machine_;
+  std::shared_ptr<skiff::Machine> machine_;
   std::unique_ptr<Napi::Promise::Deferred> deferred_;
   MachineTsfn tsfn_;
 };

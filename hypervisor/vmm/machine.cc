@@ -107,6 +107,7 @@ Machine::~Machine() { teardown(); }
 // Stops the event loop before freeing anything its handlers touch, then undoes the backend's
 // doorbells and lines, then the VM. Idempotent; vCPU threads have ended when it runs.
 void Machine::teardown() {
+  std::lock_guard<std::mutex> once(teardownMu_);
   stopping_.store(true, std::memory_order_release);
   loop_->stop();
   irqVm_.store(nullptr, std::memory_order_release);
@@ -399,8 +400,7 @@ MachineResult Machine::run() {
     r.kind = MachineResult::Kind::Error;
     r.detail = e.what();
   }
-  // A device's handler may have failed while the vCPUs ran: that ending wins if it came first.
-  teardown();
+  // The vCPUs have ended; the VM and the event loop stay until shutdown() (or the destructor).
   return r;
 }
 

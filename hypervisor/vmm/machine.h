@@ -60,6 +60,10 @@ class Machine final : public ExitHandler, private DeviceHost {
 
   // Boots and runs to the end on the calling thread. Never throws: failures are Kind::Error.
   MachineResult run();
+  // Frees the VM, its devices and guest memory, after stopping the event loop. Call it after
+  // run() returned, on a thread that may wait: destroying a VM takes 2-24 ms on KVM on PVM, so the
+  // binding hands the result to JS first. The destructor does it too if it has not been done.
+  void shutdown() { teardown(); }
   // From any thread; neither blocks (input is handed to the event loop).
   void kill();
   void consoleInput(const uint8_t* data, size_t size);
@@ -106,6 +110,7 @@ class Machine final : public ExitHandler, private DeviceHost {
   std::vector<std::unique_ptr<MachineDoorbell>> doorbells_;
   std::vector<std::unique_ptr<MachineInterruptLine>> lines_;
   std::string eventFallback_;  // why the backend's doorbells or lines were not used
+  std::mutex teardownMu_;
   // The UART raises its line from the vCPU thread and from consoleInput's thread: it reads the
   // VM through this, which is null until the VM exists.
   std::atomic<Vm*> irqVm_{nullptr};
