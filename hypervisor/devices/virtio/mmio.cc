@@ -229,6 +229,13 @@ bool Mmio::processQueue(uint16_t queue) {
   return more && !needsReset_;
 }
 
+bool Mmio::withDevice(const std::function<void()>& fn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!active_ || needsReset_) return false;
+  fn();
+  return true;
+}
+
 void Mmio::raise(uint32_t bits) {
   std::lock_guard<std::mutex> irqLock(irqMu_);
   bool was = interruptStatus_ != 0;

@@ -45,6 +45,12 @@ class Mmio final : private Guest {
   // left (Device::process's budget ran out); call again after the event loop's other work.
   bool processQueue(uint16_t queue);
 
+  // Runs `fn` serialized with register accesses and queue processing, if the driver is running the
+  // device; false if it is not. Every device entry point that does not come through the transport
+  // (vsock's host-socket readiness, say) must be called through this: the driver may reset the
+  // device or a queue at any moment from a vCPU.
+  bool withDevice(const std::function<void()>& fn);
+
   uint32_t status();
   uint32_t interruptStatus();
   bool failed();

@@ -136,6 +136,7 @@ bool Queue::activate(const MemoryMap& memory, uint64_t features, std::string& wh
   failed_ = false;
   failure_.clear();
   ready_ = true;
+  ++generation_;
   return true;
 }
 

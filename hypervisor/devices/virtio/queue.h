@@ -110,6 +110,9 @@ class Queue {
 
   bool failed() const { return failed_; }
   const std::string& failure() const { return failure_; }
+  // Changes on every activate(): a device holding a popped chain across calls can tell that the
+  // queue was reset and set up again under it (its head would name a stale descriptor).
+  uint32_t generation() const { return generation_; }
 
  private:
   bool fail(const std::string& why);
@@ -133,6 +136,7 @@ class Queue {
   uint16_t nextAvail_ = 0;
   uint16_t nextUsed_ = 0;
   uint16_t signalledUsed_ = 0;  // nextUsed_ when needsNotification() last ran
+  uint32_t generation_ = 0;
 };
 
 }  // namespace virtio

@@ -4,6 +4,8 @@
 //       hypervisor/devices/virtio/test/virtio-test.cc -o virtio-test && ./virtio-test [scratch-dir]
 // Ends with "N passed, N failed"; exits non-zero on any failure.
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -19,6 +21,7 @@
 #include "devices/virtio/mmio.h"
 #include "devices/virtio/queue.h"
 #include "devices/virtio/rng.h"
+#include "devices/virtio/vsock.h"
 #include "devices/virtio/test/driver.h"
 
 using namespace skiff::virtio;
@@ -911,6 +914,257 @@ TEST(blk_many_requests_in_one_kick) {
   CHECK(n == 8);
   CHECK(b.h.levels.size() == 1);  // one interrupt for the batch
   unlink(path.c_str());
+}
+
+
+// ---- virtio-vsock --------------------------------------------------------------------------------
+
+// The machine's side of vsock: host ports are socketpairs whose far ends the test holds, and a
+// poll() over the watched sockets plays the event loop.
+struct FakeVsockHost : VsockHost {
+  int connect(uint32_t port) override {
+    if (refuse) return -1;
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) std::abort();
+    peers[port] = sv[1];
+    return sv[0];
+  }
+  void connected(int fd, bool accepted) override { results.emplace_back(fd, accepted); }
+  void watch(int fd, bool r, bool w) override { interest[fd] = {r, w}; }
+  void unwatch(int fd) override { interest.erase(fd); }
+  // One event-loop turn: every watched socket that is ready goes to the device.
+  void poll(Mmio& mmio, Vsock& vsock) {
+    std::vector<pollfd> fds;
+    for (auto& [fd, rw] : interest) fds.push_back({fd, short((rw.first ? POLLIN : 0) | (rw.second ? POLLOUT : 0)), 0});
+    if (fds.empty() || ::poll(fds.data(), fds.size(), 0) <= 0) return;
+    for (auto& p : fds) {
+      if (p.revents) mmio.withDevice([&] { vsock.hostReady(p.fd, p.revents & (POLLIN | POLLHUP | POLLERR), p.revents & POLLOUT); });
+    }
+  }
+  bool refuse = false;
+  std::map<uint32_t, int> peers;
+  std::map<int, std::pair<bool, bool>> interest;
+  std::vector<std::pair<int, bool>> results;
+};
+
+constexpr uint64_t kGuestCid = 3;
+
+struct VsockHarness {
+  VsockHarness() : mem{{kRam, kRamSize}}, vsock(kGuestCid, host), mmio(vsock, mem.map, nullptr, [this](const std::string& m) { logs.push_back(m); }) {
+    wr(mmio, 0x70, kAcknowledge | kDriver);
+    wr(mmio, 0x24, 1), wr(mmio, 0x20, 1);
+    wr(mmio, 0x24, 0), wr(mmio, 0x20, uint32_t(kFEventIdx));
+    wr(mmio, 0x70, kAcknowledge | kDriver | kFeaturesOk);
+    for (uint16_t q = 0; q < 3; ++q) {
+      drivers.push_back(std::make_unique<Driver>(mem, 16, kRings + 0x4000 * q, kScratch + 0x10000 * q, true));
+      Driver& d = *drivers.back();
+      wr(mmio, 0x30, q), wr(mmio, 0x38, 16);
+      wr(mmio, 0x80, uint32_t(d.desc)), wr(mmio, 0x90, uint32_t(d.avail)), wr(mmio, 0xa0, uint32_t(d.used));
+      wr(mmio, 0x44, 1);
+    }
+    wr(mmio, 0x70, kAcknowledge | kDriver | kFeaturesOk | kDriverOk);
+  }
+  // Rx buffers, each 4 KiB, from kData upwards (slot i at kData + 4 KiB * i).
+  void postRx(int n, uint32_t len = 4096) {
+    for (int i = 0; i < n; ++i) {
+      uint64_t gpa = kData + 0x1000 * uint64_t(rxSlot++ % 16);
+      drivers[0]->add({{gpa, len, true}});
+      rxLen[gpa] = len;
+    }
+    if (drivers[0]->publish()) wr(mmio, 0x50, 0);
+  }
+  // One packet from the guest: header and payload in two readable descriptors, as Linux sends them.
+  bool send(uint16_t op, uint32_t srcPort, uint32_t dstPort, const std::string& payload = "", uint32_t flags = 0, uint32_t bufAlloc = 65536, uint32_t fwdCnt = 0, uint64_t dstCid = Vsock::kHostCid) {
+    Vsock::Header h{kGuestCid, dstCid, srcPort, dstPort, uint32_t(payload.size()), Vsock::kTypeStream, op, flags, bufAlloc, fwdCnt};
+    uint64_t hdr = kData + 0x20000 + 0x100 * uint64_t(txSlot % 16), data = kData + 0x30000 + 0x10000 * uint64_t(txSlot % 16);
+    ++txSlot;
+    std::memcpy(mem.at(hdr, sizeof h), &h, sizeof h);
+    std::vector<DriverBuffer> bufs{{hdr, sizeof h, false}};
+    if (!payload.empty()) {
+      std::memcpy(mem.at(data, payload.size()), payload.data(), payload.size());
+      bufs.push_back({data, uint32_t(payload.size()), false});
+    }
+    if (drivers[1]->add(bufs) < 0) return false;  // every tx descriptor still with the device
+    if (drivers[1]->publish()) wr(mmio, 0x50, 1);
+    uint32_t id, len;
+    while (drivers[1]->getUsed(id, len)) {
+    }
+    return true;
+  }
+  // The next packet the device put in an rx buffer.
+  bool receive(Vsock::Header& h, std::string& payload) {
+    uint32_t id, len;
+    if (!drivers[0]->getUsed(id, len)) return false;
+    // Buffers are reused in order: the used id's descriptor holds the address.
+    uint64_t gpa = mem.get<uint64_t>(drivers[0]->desc + 16ull * id);
+    std::memcpy(&h, mem.at(gpa, sizeof h), sizeof h);
+    payload.assign(reinterpret_cast<const char*>(mem.at(gpa + sizeof h, h.len ? h.len : 1)), h.len);  // bytes the device wrote, as chars
+    return len == sizeof h + h.len;
+  }
+  FakeMemory mem;
+  FakeVsockHost host;
+  Vsock vsock;
+  Mmio mmio;
+  std::vector<std::string> logs;
+  std::vector<std::unique_ptr<Driver>> drivers;
+  std::map<uint64_t, uint32_t> rxLen;
+  int rxSlot = 0, txSlot = 0;
+};
+
+TEST(vsock_guest_connects_to_host) {
+  VsockHarness v;
+  uint64_t cid = 0;
+  v.mmio.read(0x100, reinterpret_cast<uint8_t*>(&cid), 8);  // uint64_t storage as bytes
+  CHECK(cid == kGuestCid);
+  v.postRx(8);
+  v.send(Vsock::kOpRequest, 50000, 1234);
+  Vsock::Header h;
+  std::string data;
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpResponse && h.srcPort == 1234 && h.dstPort == 50000 && h.dstCid == kGuestCid && h.srcCid == 2);
+  CHECK(h.bufAlloc == Vsock::kBufAlloc);
+  int peer = v.host.peers.at(1234);
+  v.send(Vsock::kOpRw, 50000, 1234, "hello");
+  char buf[64] = {};
+  CHECK(read(peer, buf, sizeof buf) == 5 && std::string(buf, 5) == "hello");
+  CHECK(write(peer, "world!", 6) == 6);
+  v.host.poll(v.mmio, v.vsock);
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpRw && data == "world!" && h.fwdCnt == 5);
+  // The guest closes: SHUTDOWN both ways, answered with RST; the host end sees EOF.
+  v.send(Vsock::kOpShutdown, 50000, 1234, "", Vsock::kShutdownRecv | Vsock::kShutdownSend);
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpRst);
+  CHECK(read(peer, buf, sizeof buf) == 0);
+  CHECK(v.vsock.connectionCount() == 0);
+  close(peer);
+  // A refused port: RST.
+  v.host.refuse = true;
+  v.send(Vsock::kOpRequest, 50001, 99);
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpRst && h.dstPort == 50001);
+  CHECK(!(rd(v.mmio, 0x70) & kDeviceNeedsReset));
+}
+
+TEST(vsock_host_connects_to_guest) {
+  VsockHarness v;
+  v.postRx(8);
+  int sv[2];
+  CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
+  bool taken = false;
+  v.mmio.withDevice([&] { taken = v.vsock.hostConnect(sv[0], 52); });
+  CHECK(taken);
+  Vsock::Header h;
+  std::string data;
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpRequest && h.dstPort == 52 && h.srcPort >= Vsock::kHostPortBase);
+  uint32_t hostPort = h.srcPort;
+  v.send(Vsock::kOpResponse, 52, hostPort, "", 0, 4096);
+  CHECK(v.host.results.size() == 1 && v.host.results[0].second);
+  // Credit: the guest's 4 KiB buffer limits what it is sent until it reports progress.
+  std::string big(10000, 'x');
+  CHECK(write(sv[1], big.data(), big.size()) == ssize_t(big.size()));
+  v.host.poll(v.mmio, v.vsock);
+  uint32_t got = 0;
+  while (v.receive(h, data)) got += h.len;
+  CHECK(got == 4096);
+  v.send(Vsock::kOpCreditUpdate, 52, hostPort, "", 0, 4096, 4096);
+  v.postRx(4);
+  v.host.poll(v.mmio, v.vsock);
+  while (v.receive(h, data)) got += h.len;
+  CHECK(got == 8192);
+  // The host closes: the guest is told both directions are shut, and its RST ends the connection.
+  close(sv[1]);
+  v.send(Vsock::kOpCreditUpdate, 52, hostPort, "", 0, 65536, 8192);
+  for (int i = 0; i < 3; ++i) v.host.poll(v.mmio, v.vsock);
+  bool shutdown = false;
+  while (v.receive(h, data)) {
+    got += h.len;
+    shutdown |= h.op == Vsock::kOpShutdown && h.flags == 3;
+  }
+  CHECK(got == 10000 && shutdown);
+  v.send(Vsock::kOpRst, 52, hostPort);
+  CHECK(v.vsock.connectionCount() == 0);
+  // A host connection the guest refuses.
+  CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
+  v.mmio.withDevice([&] { v.vsock.hostConnect(sv[0], 53); });
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpRequest);
+  v.send(Vsock::kOpRst, 53, h.srcPort);
+  CHECK(v.host.results.size() == 2 && !v.host.results[1].second);
+  close(sv[1]);
+}
+
+TEST(vsock_holds_the_guest_to_its_credit) {
+  VsockHarness v;
+  v.postRx(8);
+  v.send(Vsock::kOpRequest, 40000, 7);
+  Vsock::Header h;
+  std::string data;
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpResponse);
+  // The host end never reads: socket buffer, then the device's 256 KiB, then a reset.
+  std::string chunk(Vsock::kMaxPayload, 'z');
+  bool reset = false;
+  for (int i = 0; i < 64 && !reset; ++i) {
+    v.send(Vsock::kOpRw, 40000, 7, chunk);
+    while (v.receive(h, data)) reset |= h.op == Vsock::kOpRst;
+  }
+  CHECK(reset);
+  CHECK(v.vsock.connectionCount() == 0);
+  CHECK(!(rd(v.mmio, 0x70) & kDeviceNeedsReset));  // a connection's fault, not the device's
+  close(v.host.peers.at(7));
+}
+
+TEST(vsock_hostile_packets) {
+  {
+    VsockHarness v;
+    v.postRx(8);
+    // Wrong destination: RST. Forged source: silence. RST for nothing: silence. Unknown op: RST.
+    Vsock::Header h;
+    std::string data;
+    v.send(Vsock::kOpRequest, 1, 2, "", 0, 0, 0, 7);
+    CHECK(v.receive(h, data) && h.op == Vsock::kOpRst);
+    v.send(Vsock::kOpRst, 1, 2);
+    v.send(Vsock::kOpRw, 1, 2, "data");
+    CHECK(v.receive(h, data) && h.op == Vsock::kOpRst);
+    v.send(99, 1, 2);
+    CHECK(v.receive(h, data) && h.op == Vsock::kOpRst);
+    CHECK(!v.receive(h, data));
+    CHECK(!(rd(v.mmio, 0x70) & kDeviceNeedsReset));
+    // A header longer than its buffers fails the device.
+    Vsock::Header bad{kGuestCid, 2, 1, 2, 100, 1, Vsock::kOpRw, 0, 0, 0};
+    std::memcpy(v.mem.at(kData + 0x20000, sizeof bad), &bad, sizeof bad);
+    v.drivers[1]->add({{kData + 0x20000, sizeof bad, false}});
+    v.drivers[1]->publish();
+    wr(v.mmio, 0x50, 1);
+    CHECK(rd(v.mmio, 0x70) & kDeviceNeedsReset);
+    CHECK(v.logs.size() == 1);
+  }
+  {
+    VsockHarness v;
+    v.drivers[1]->add({{kData, 20, false}});  // shorter than a header
+    v.drivers[1]->publish();
+    wr(v.mmio, 0x50, 1);
+    CHECK(rd(v.mmio, 0x70) & kDeviceNeedsReset);
+  }
+  {
+    VsockHarness v;
+    v.postRx(1, 16);  // an rx buffer too small for any packet
+    v.send(Vsock::kOpRequest, 1, 2);
+    CHECK(rd(v.mmio, 0x70) & kDeviceNeedsReset);
+  }
+  {
+    // No rx buffers and a flood of refused requests: replies are bounded, tx waits for rx.
+    VsockHarness v;
+    v.host.refuse = true;
+    int sent = 0;
+    while (sent < 400 && v.send(Vsock::kOpRequest, uint32_t(1000 + sent), 2)) ++sent;
+    // The device stopped taking tx at kMaxControl queued replies; the rest wait in the tx queue.
+    CHECK(sent == int(Vsock::kMaxControl) + 16);
+    CHECK(!(rd(v.mmio, 0x70) & kDeviceNeedsReset));
+    int rsts = 0;
+    Vsock::Header h;
+    std::string data;
+    for (int round = 0; round < 40; ++round) {
+      v.postRx(16);
+      while (v.receive(h, data)) rsts += h.op == Vsock::kOpRst;
+    }
+    CHECK(rsts == sent);
+  }
 }
 
 }  // namespace
