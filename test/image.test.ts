@@ -118,7 +118,7 @@ test.serial('skiff inspect tells format, kernel version, cmdline, initrd content
   t.regex(text.stdout, /initrd: {2}[\d.]+ MiB, \d+ entries/);
 });
 
-test('build errors are one line with a non-zero exit: malformed spec, missing file, ELF kernel for a UKI', async (t) => {
+test('build errors are one line with a non-zero exit: malformed spec, missing file, missing package, ELF kernel for a UKI', async (t) => {
   const bad = path.join(dir, 'bad.yml');
   await fs.writeFile(bad, 'files:\n  - { path: /x, source: ./missing }\n');
   const r = await skiff(['build', bad, '-o', path.join(dir, 'bad.efi')]);
@@ -134,6 +134,12 @@ test('build errors are one line with a non-zero exit: malformed spec, missing fi
   t.is(e.code, 125);
   t.regex(e.stderr, /^skiff: a UKI needs a bzImage kernel \(with the EFI stub\); .*vmlinux is an ELF vmlinux: use --format dir\n$/);
 
+  const nopkg = path.join(dir, 'nopkg.yml');
+  await fs.writeFile(nopkg, 'packages: [nosuchpkg-skiff]\n');
+  const p = await skiff(['build', nopkg, '-o', path.join(dir, 'nopkg.efi'), '--quiet']);
+  t.is(p.code, 125);
+  t.is(p.stderr, `skiff: package "nosuchpkg-skiff" not found in apt's package lists for amd64 (check the name, or run apt-get update)\n`);
+
   const notImage = await skiff(['inspect', bad]);
   t.is(notImage.code, 125);
   t.regex(notImage.stderr, /^skiff: image .*bad\.yml is neither a UKI \(a PE\/EFI file\) nor an image directory\n$/);
@@ -147,4 +153,23 @@ test('a directory that is not an image is never overwritten', async (t) => {
   t.is(r.code, 125);
   t.regex(r.stderr, /exists and is not a skiff image directory; not overwriting it/);
   t.is(await fs.readFile(path.join(precious, 'keep'), 'utf8'), 'data');
+});
+
+test('an image directory boots on the native engine too: the test guest (bzImage) sees the image cmdline and initrd', async (t) => {
+  const guestKernel = path.join(packageRoot(), 'test', 'guests', 'out', 'skiff-test-guest.bzImage');
+  const spec = path.join(dir, 'native.yml');
+  await fs.writeFile(spec, `kernel: { path: ${guestKernel} }\ncmdline: "skiff.test=facts image.marker=42"\nfiles: [{ path: /hello, contents: "hi" }]\n`);
+  const out = path.join(dir, 'native-dir');
+  const built = await skiff(['build', spec, '-o', out, '--format', 'dir', '--quiet']);
+  t.is(built.code, 0, built.stderr);
+  const r = await skiff(['boot', out, '--engine', 'native', '--memory', '64', '--timeout', '60']);
+  t.is(r.code, 0, r.stdout + r.stderr);
+  const lines = r.stdout.split(/\r?\n/).filter((l) => l.startsWith('guest: ')).map((l) => l.slice(7));
+  t.regex(lines.find((l) => l.startsWith('cmdline '))!, / skiff\.test=facts image\.marker=42( |$)/);
+  const initrd = await fs.readFile(path.join(out, 'initrd.cpio'));
+  let h = 0x811c9dc5;
+  for (const b of initrd) h = Math.imul(h ^ b, 0x01000193) >>> 0;
+  const rd = /^ramdisk paddr=0x[0-9a-f]+ size=0x([0-9a-f]+) fnv1a=0x([0-9a-f]+)$/.exec(lines.find((l) => l.startsWith('ramdisk '))!)!;
+  t.is(Number.parseInt(rd[1], 16), initrd.length);
+  t.is(Number.parseInt(rd[2], 16), h, 'the guest read the image initrd byte for byte');
 });

@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 
 import { DEFAULT_STUB, MACHINE, SCN, UkiError, buildUki, parseUki, readPe, readUki, writeUki, type UkiOptions } from '../src/image/uki.js';
 import { cachedKernel } from '../src/kernel/build.js';
-import { defaultInitrd } from '../src/initrd/default.js';
+import { defaultImage } from '../src/image/default.js';
 import { EXIT_PORT, encodeCommand } from '../src/vm/config.js';
 
 const execFileP = promisify(execFile);
@@ -426,7 +426,7 @@ async function skiffUki(t: ExecutionContext, cmdline: string): Promise<Buffer | 
   }
   return writeUki({
     linux: await fs.readFile(kernel.bzImage),
-    initrd: await fs.readFile(await defaultInitrd()),
+    initrd: await fs.readFile((await defaultImage()).initrd!),
     cmdline,
     uname: kernel.version,
     osrel: 'ID=skiff\n',
