@@ -35,6 +35,7 @@ export class BootCommand extends SkiffCommand {
   cmdline = Option.String('--cmdline', { description: "Extra kernel command line, appended to skiff's" });
   cpus = Option.String('--cpus', { description: 'vCPUs (1-64, default 1)', validator: t.isNumber() });
   memory = Option.String('--memory,-m', { description: 'Memory in MiB (default 256)', validator: t.isNumber() });
+  disks = Option.Array('--disk', [], { description: 'Attach a raw disk image as virtio-blk (vda, vdb, ... in order); FILE,ro for read-only. Repeatable' });
   timeout = Option.String('--timeout', { description: 'Stop the guest after this many seconds (exit 124)', validator: t.isNumber() });
   verbose = Option.Boolean('--verbose,-v', false, { description: "Show the kernel's boot messages and skiff's engine choice" });
   quiet = Option.Boolean('--quiet,-q', false, { description: 'No progress output' });
@@ -52,6 +53,8 @@ export class BootCommand extends SkiffCommand {
     const selection = selectEngine(this.engine, host);
     if (selection.reason) await this.noteOnce(host.pvm ? 'pvm' : 'tcg', selection.reason);
 
+    const { parseDiskFlag } = await import('../src/vm/config.js');
+    const disks = this.disks.map(parseDiskFlag);
     const { image, command } = await this.imageAndCommand();
     const config = await makeVmConfig({
       kernel: this.kernel ?? image.kernel,
@@ -62,6 +65,7 @@ export class BootCommand extends SkiffCommand {
       memoryMiB: this.memory,
       timeoutSec: this.timeout,
       verbose: this.verbose,
+      disks,
     });
 
     const machine = await startMachine(config, selection);

@@ -13,6 +13,8 @@ export const LIMITS = {
   cmdlineBytes: 2048,
   /** Kept free for what an engine appends (QEMU: virtio_mmio.device=..., TCG timer settings). */
   engineCmdlineReserve: 256,
+  /** virtio-mmio slots left for disks after the other devices (layout.h). */
+  disks: 8,
 } as const;
 
 export const DEFAULTS = { cpus: 1, memoryMiB: 256 } as const;
@@ -32,6 +34,21 @@ export interface VmConfigInput {
   timeoutSec?: number;
   /** Keep the kernel's boot messages (drops "quiet"). */
   verbose?: boolean;
+  /** virtio-blk disks: raw image files, in the order the guest sees them (vda, vdb, ...). */
+  disks?: readonly DiskInput[];
+}
+
+export interface DiskInput {
+  path: string;
+  readOnly?: boolean;
+}
+
+export interface Disk {
+  /** Absolute path of a raw image file. */
+  readonly path: string;
+  readonly readOnly: boolean;
+  /** GET_ID's 20-byte serial: the guest sees it as /sys/block/vdX/serial. */
+  readonly serial: string;
 }
 
 export interface VmConfig {
@@ -42,6 +59,7 @@ export interface VmConfig {
   readonly cpus: number;
   readonly memoryMiB: number;
   readonly timeoutMs?: number;
+  readonly disks: readonly Disk[];
 }
 
 function checkRange(name: string, value: number, range: { min: number; max: number }, integer: boolean): number {
@@ -99,6 +117,33 @@ async function checkReadable(what: string, file: string): Promise<string> {
   return abs;
 }
 
+/** `--disk FILE[,ro]`: the flag's text → a DiskInput. */
+export function parseDiskFlag(flag: string): DiskInput {
+  const parts = flag.split(',');
+  const options = parts.slice(1);
+  for (const o of options) if (o !== 'ro') throw new VmConfigError(`--disk ${flag}: unknown option "${o}" (expected FILE or FILE,ro)`);
+  if (!parts[0]) throw new VmConfigError(`--disk ${flag}: no file`);
+  return { path: parts[0], readOnly: options.includes('ro') };
+}
+
+async function checkDisks(inputs: readonly DiskInput[]): Promise<Disk[]> {
+  if (inputs.length > LIMITS.disks) throw new VmConfigError(`at most ${LIMITS.disks} disks, got ${inputs.length}`);
+  const seen = new Set<string>();
+  const disks: Disk[] = [];
+  for (const [i, d] of inputs.entries()) {
+    const abs = await checkReadable('disk', d.path);
+    if (!d.readOnly) {
+      await fs.access(abs, fs.constants.W_OK).catch(() => {
+        throw new VmConfigError(`disk ${d.path} is not writable (give it as ${d.path},ro to attach it read-only)`);
+      });
+    }
+    if (seen.has(abs)) throw new VmConfigError(`disk ${d.path} is given twice`);
+    seen.add(abs);
+    disks.push(Object.freeze({ path: abs, readOnly: d.readOnly ?? false, serial: `skiff-disk-${i}` }));
+  }
+  return disks;
+}
+
 export async function makeVmConfig(input: VmConfigInput): Promise<VmConfig> {
   const kernelPath = await checkReadable('kernel', input.kernel);
   let kernel: KernelInfo;
@@ -117,6 +162,7 @@ export async function makeVmConfig(input: VmConfigInput): Promise<VmConfig> {
     cpus: checkRange('--cpus', input.cpus ?? DEFAULTS.cpus, LIMITS.cpus, true),
     memoryMiB: checkRange('--memory (MiB)', input.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB, true),
     timeoutMs: input.timeoutSec === undefined ? undefined : checkRange('--timeout (seconds)', input.timeoutSec, LIMITS.timeoutSec, false) * 1000,
+    disks: Object.freeze(await checkDisks(input.disks ?? [])),
   };
   return Object.freeze(config);
 }
