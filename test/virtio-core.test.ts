@@ -1,6 +1,7 @@
 // The virtio device core (hypervisor/devices/virtio/) as plain C++ without a VM: its test program
 // (a Linux-like driver over fake guest memory, blk on real sparse files) built with ASan and UBSan,
-// and a short bounded run of each libFuzzer target (queue walker, blk requests, mmio registers).
+// and a short bounded run of each libFuzzer target (queue walker, blk requests, mmio registers, vsock
+// packets).
 // SKIFF_FUZZ_SECONDS sets the fuzzing time per target (default 10 here; `npm run fuzz` uses 60).
 import test from 'ava';
 import { execFile } from 'node:child_process';
@@ -14,7 +15,7 @@ const execFileP = promisify(execFile);
 const root = packageRoot();
 const virtio = path.join(root, 'hypervisor', 'devices', 'virtio');
 
-test.serial('virtio core: queue, mmio, rng and blk tests pass under ASan/UBSan', async (t) => {
+test.serial('virtio core: queue, mmio, rng, blk and vsock tests pass under ASan/UBSan', async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-virtio-'));
   try {
     const sources = (await fs.readdir(virtio)).filter((f) => f.endsWith('.cc')).map((f) => path.join(virtio, f));
@@ -47,5 +48,5 @@ test.serial('virtio fuzz targets: a bounded run of each finds nothing', async (t
   );
   t.log(r.out.split('\n').filter((l) => /exec|Done/.test(l)).join('\n'));
   t.is(r.code, 0, r.out);
-  for (const target of ['queue', 'blk', 'mmio']) t.regex(r.out, new RegExp(`fuzz: ${target}: Done \\d+ runs`), r.out);
+  for (const target of ['queue', 'blk', 'mmio', 'vsock']) t.regex(r.out, new RegExp(`fuzz: ${target}: Done \\d+ runs`), r.out);
 });

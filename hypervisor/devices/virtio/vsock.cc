@@ -188,9 +188,14 @@ void Vsock::onRw(Conn& c, Cursor& in, uint32_t len) {
   c.rxCnt += len;
   std::vector<iovec> iov;
   if (c.pending.empty() && in.spans(len, iov, 64)) {
+    msghdr msg{};
+    msg.msg_iov = iov.data();
+    msg.msg_iovlen = iov.size();
     ssize_t n;
     do {
-      n = ::writev(c.fd, iov.data(), static_cast<int>(iov.size()));
+      // MSG_NOSIGNAL: a host peer that went away is an EPIPE for this connection, not a SIGPIPE
+      // that kills the VMM.
+      n = ::sendmsg(c.fd, &msg, MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
       close(key(c.hostPort, c.guestPort), true);
@@ -227,7 +232,7 @@ void Vsock::onRw(Conn& c, Cursor& in, uint32_t len) {
 void Vsock::flushPending(Conn& c) {
   uint64_t k = key(c.hostPort, c.guestPort);
   while (!c.pending.empty()) {
-    ssize_t n = ::write(c.fd, c.pending.data(), c.pending.size());
+    ssize_t n = ::send(c.fd, c.pending.data(), c.pending.size(), MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
     if (n <= 0) {

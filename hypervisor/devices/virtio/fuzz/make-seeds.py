@@ -80,3 +80,15 @@ mem[0x100:0x110] = struct.pack('<IIQ', 0, 0, 3)
 n = max(len(mem), len(ops))
 ops = ops.ljust(n, b'\0')
 write('mmio', 'linux-bring-up-blk', b'\x01' + bytes(mem).ljust(n, b'\0') + ops)
+
+# vsock.cc: a script of steps, each a selector byte (0 packet, 1 rx buffers, 2 host write, 3 host
+# connect, 4 event-loop turn, 5 driver takes used buffers) and its fields.
+def packet(op, src_port, dst_port, payload=b'', flags=0, buf_alloc=65536, fwd_cnt=0, indirect=False):
+    return (bytes([0, 1, 1, src_port, dst_port, 1, op, flags]) + struct.pack('<IIH', buf_alloc, fwd_cnt, len(payload))
+            + bytes([1]) + payload + bytes([1 if indirect else 0]))
+
+
+rx = bytes([1, 7]) + struct.pack('<H', 4096)
+steps = rx + packet(1, 40, 1) + bytes([5]) + packet(5, 40, 1, b'hello') + bytes([2, 0, 3, 4, 5])
+steps += bytes([3, 52, 5]) + rx + packet(6, 40, 1, fwd_cnt=5) + packet(4, 40, 1, flags=3) + bytes([4, 5])
+write('vsock', 'connect-data-close', steps)

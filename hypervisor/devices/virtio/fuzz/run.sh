@@ -2,7 +2,7 @@
 # Builds the virtio fuzz targets with clang (libFuzzer + ASan + UBSan) and runs each for a bounded
 # time: SKIFF_FUZZ_SECONDS per target (default 60). Each starts from its committed seeds
 # (fuzz/seeds/, made by make-seeds.py) and the corpus it grew before; corpora and any crash inputs
-# are kept under build/virtio-fuzz/. Usage: npm run fuzz [-- target...]   (targets: queue blk mmio)
+# are kept under build/virtio-fuzz/. Usage: npm run fuzz [-- target...]   (targets: queue blk mmio vsock)
 # Exits non-zero when a target finds a crash, a leak, undefined behaviour or a hang.
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
@@ -10,7 +10,7 @@ seconds="${SKIFF_FUZZ_SECONDS:-60}"
 out="build/virtio-fuzz"
 src="hypervisor/devices/virtio"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(queue blk mmio)
+[ ${#targets[@]} -gt 0 ] || targets=(queue blk mmio vsock)
 command -v clang++ >/dev/null || { echo "fuzz: clang++ not found (scripts/setup.sh installs clang and libclang-rt-14-dev)" >&2; exit 1; }
 mkdir -p "$out/obj"
 flags=(-std=c++17 -g -O1 -Wall -Wextra -Werror -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all -Ihypervisor)
@@ -32,7 +32,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$out/corpus-$t" "$out/crashes"
   echo "fuzz: $t for ${seconds}s"
   if ! "$out/fuzz-$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 -print_final_stats=1 \
-      -artifact_prefix="$out/crashes/$t-" "$out/corpus-$t" "$src/fuzz/seeds/$t" 2>"$out/$t.log"; then
+      -artifact_prefix="$out/crashes/$t-" "$out/corpus-$t" $([ -d "$src/fuzz/seeds/$t" ] && echo "$src/fuzz/seeds/$t") 2>"$out/$t.log"; then
     status=1
     echo "fuzz: $t FAILED; input under $out/crashes/, log $out/$t.log" >&2
     grep -E "ERROR|runtime error|SUMMARY|Test unit written" "$out/$t.log" >&2 || tail -30 "$out/$t.log" >&2

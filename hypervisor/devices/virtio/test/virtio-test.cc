@@ -1035,6 +1035,14 @@ TEST(vsock_guest_connects_to_host) {
   CHECK(read(peer, buf, sizeof buf) == 0);
   CHECK(v.vsock.connectionCount() == 0);
   close(peer);
+  // The host end goes away while the guest still sends: the connection is reset (EPIPE), and the
+  // process is not killed by SIGPIPE (found by the vsock fuzz target).
+  v.send(Vsock::kOpRequest, 50002, 1235);
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpResponse);
+  close(v.host.peers.at(1235));
+  v.send(Vsock::kOpRw, 50002, 1235, "anyone there?");
+  CHECK(v.receive(h, data) && h.op == Vsock::kOpRst && h.dstPort == 50002);
+  CHECK(v.vsock.connectionCount() == 0);
   // A refused port: RST.
   v.host.refuse = true;
   v.send(Vsock::kOpRequest, 50001, 99);
