@@ -78,6 +78,29 @@ test('the event loop and device plumbing run clean under ASan/UBSan: console inp
   t.true(early.out.includes('[result kind=exited status=3'), early.out.slice(-500));
 });
 
+test('the event loop keeps its contract (hypervisor/tools/event-loop-test.cc) under ASan/UBSan and under ThreadSanitizer', async (t) => {
+  const hv = path.join(root, 'hypervisor');
+  const sources = [path.join(hv, 'tools', 'event-loop-test.cc'), path.join(hv, 'loop', 'epoll.cc')];
+  for (const sanitizer of ['address,undefined', 'thread']) {
+    const exe = path.join(dir, `event-loop-test-${sanitizer.split(',')[0]}`);
+    await execFileP('g++', ['-std=c++17', '-g', '-O1', `-fsanitize=${sanitizer}`, '-fno-sanitize-recover=all', `-I${hv}`, ...sources, '-o', exe, '-lpthread'], { maxBuffer: 1 << 24 });
+    const r = await new Promise<{ code: number | null; out: string }>((resolve) => {
+      const child = spawn(exe, [], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TSAN_OPTIONS: 'halt_on_error=1' } });
+      let out = '';
+      child.stdout.on('data', (d) => (out += d));
+      child.stderr.on('data', (d) => (out += d));
+      const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+      child.on('close', (code) => {
+        clearTimeout(timer);
+        resolve({ code, out });
+      });
+    });
+    t.is(r.code, 0, `${sanitizer}: ${r.out.slice(-3000)}`);
+    t.regex(r.out, /^event loop: \d+ checks ok$/m, sanitizer);
+    t.false(/Sanitizer|runtime error/.test(r.out), r.out.slice(-3000));
+  }
+});
+
 test('120 seeded header mutations: no sanitizer report, no crash', async (t) => {
   let seed = 12345;
   const random = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32);
