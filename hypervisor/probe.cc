@@ -1,37 +1,20 @@
 #include "probe.h"
 
-#include <cerrno>
-#include <cstring>
-#if defined(__linux__)
-#include <fcntl.h>
-#include <linux/kvm.h>
-#include <sys/ioctl.h>
-#include <unistd.h>
-#endif
+#include "backend/backend.h"
 
 namespace skiff {
 
+// Whatever backend.h's openHypervisor() would pick, opened and closed again: the same checks a
+// machine's boot makes first (KVM: open /dev/kvm, API version), with the same messages.
 HostProbe probeHost() {
   HostProbe probe;
-#if defined(__linux__)
-  int fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-  if (fd < 0) {
-    probe.error = std::string("open(/dev/kvm): ") + std::strerror(errno);
-    return probe;
+  try {
+    std::unique_ptr<Hypervisor> h = openHypervisor();
+    probe.backend = h->name();
+    probe.apiVersion = h->apiVersion();
+  } catch (const std::exception& e) {
+    probe.error = e.what();
   }
-  // KVM_GET_API_VERSION takes no argument and returns the version; safe on any KVM fd.
-  int version = ioctl(fd, KVM_GET_API_VERSION, 0);
-  int err = errno;
-  close(fd);
-  if (version < 0) {
-    probe.error = std::string("ioctl(KVM_GET_API_VERSION): ") + std::strerror(err);
-    return probe;
-  }
-  probe.backend = "kvm";
-  probe.apiVersion = version;
-#else
-  probe.error = "no hypervisor backend for this OS in this build";
-#endif
   return probe;
 }
 

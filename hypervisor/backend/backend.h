@@ -92,6 +92,8 @@ class Hypervisor {
  public:
   virtual ~Hypervisor() = default;
   virtual const char* name() const = 0;
+  // The backend's own interface version (KVM: KVM_GET_API_VERSION), for `skiff` diagnostics.
+  virtual int apiVersion() const = 0;
   virtual std::unique_ptr<Vm> createVm(uint32_t vcpus) = 0;
 };
 

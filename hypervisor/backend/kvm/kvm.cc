@@ -329,14 +329,17 @@ class Kvm final : public Hypervisor {
  public:
   Kvm() : fd_(open("/dev/kvm", O_RDWR | O_CLOEXEC)) {
     if (fd_.get() < 0) fail("open(/dev/kvm)");
-    int version = ioctl(fd_.get(), KVM_GET_API_VERSION, 0);
-    if (version != KVM_API_VERSION) throw HypervisorError("KVM API version " + std::to_string(version) + ", need " + std::to_string(KVM_API_VERSION));
+    version_ = ioctl(fd_.get(), KVM_GET_API_VERSION, 0);
+    if (version_ < 0) fail("ioctl(KVM_GET_API_VERSION)");
+    if (version_ != KVM_API_VERSION) throw HypervisorError("KVM API version " + std::to_string(version_) + ", need " + std::to_string(KVM_API_VERSION));
   }
   const char* name() const override { return "kvm"; }
+  int apiVersion() const override { return version_; }
   std::unique_ptr<Vm> createVm(uint32_t vcpus) override { return std::make_unique<KvmVm>(fd_.get(), vcpus); }
 
  private:
   Fd fd_;
+  int version_ = 0;
 };
 
 }  // namespace
