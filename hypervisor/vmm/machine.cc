@@ -135,8 +135,9 @@ void Machine::teardown() {
 }
 
 uint64_t Machine::guestResidentBytes() {
-  std::lock_guard<std::mutex> lock(memoryMu_);
-  if (!memory_) return 0;
+  // Never waits for a teardown in progress (the caller may be the JS thread): it is ending anyway.
+  std::unique_lock<std::mutex> lock(memoryMu_, std::try_to_lock);
+  if (!lock.owns_lock() || !memory_) return 0;
   uint64_t bytes = 0;
   std::vector<unsigned char> pages;
   for (const auto& r : memory_->regions()) {
