@@ -226,3 +226,9 @@ test('doorbell: without the device the guest finds nothing there (unclaimed MMIO
   t.deepEqual([result.kind, result.status, result.events], ['exited', 1, '']);
   t.true(lines.includes('doorbell device not found: magic=0xffffffff at 0xd0000e00'), lines.join('\n'));
 });
+
+test('doorbell test device: the machine adds its word to the kernel command line (DeviceHost::appendCmdline)', async (t) => {
+  const { result, lines } = await doorbell(GUEST, 'facts');
+  t.deepEqual([result.kind, result.status], ['exited', 0]);
+  t.regex(lines.find((l) => l.startsWith('cmdline '))!, / skiff\.doorbell_test=0x200@0xd0000e00:23$/);
+});

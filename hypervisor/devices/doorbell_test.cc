@@ -53,10 +53,13 @@ class DoorbellTest final : public MmioDevice {
 }  // namespace
 
 void attachDoorbellTest(DeviceHost& host) {
-  const uint64_t base = layout::virtioMmioSlot(layout::kDoorbellTestSlot);
+  const VirtioSlot slot{layout::kDoorbellTestSlot, layout::virtioMmioSlot(layout::kDoorbellTestSlot), layout::kVirtioMmioSlotSize, layout::virtioIrq(layout::kDoorbellTestSlot)};
+  const uint64_t base = slot.base;
   auto device = std::make_shared<DoorbellTest>(host.memory());
-  host.addMmio(base, layout::kVirtioMmioSlotSize, device);
-  device->irq_ = &host.interruptLine(layout::virtioIrq(layout::kDoorbellTestSlot));
+  host.addMmio(base, slot.size, device);
+  device->irq_ = &host.interruptLine(slot.irq);
+  // Not a virtio device, so not virtio_mmio.device=: a word of its own, in the same form.
+  host.appendCmdline("skiff.doorbell_test=" + slot.cmdline().substr(slot.cmdline().find('=') + 1));
   device->irqBackend_ = device->irq_->path() == EventPath::Backend;
   DoorbellTest* d = device.get();  // the bus holds the device until the machine ends
   Doorbell& bell = host.addDoorbell(base + kDoorbellTestRing, 4, std::nullopt, [d](uint64_t rings) { d->ring(rings); });

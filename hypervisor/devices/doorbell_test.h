@@ -12,6 +12,7 @@
 //   0x10 R   rings the event loop has seen
 //   0x14 R   replies that could not be written (the reply address was not RAM)
 //   0x50 W   the doorbell (any 32-bit value); not an exit when the backend carries it
+// The kernel command line gets skiff.doorbell_test=0x200@0xd0000e00:23 (as virtio_mmio.device= would).
 // On each ring the event loop writes the 64-bit count of rings seen at the reply address (if
 // the 8 bytes lie in guest RAM), then triggers the interrupt line (layout::virtioIrq(slot)).
 #pragma once

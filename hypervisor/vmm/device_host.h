@@ -47,6 +47,16 @@ class InterruptLine {
   virtual EventPath path() const = 0;
 };
 
+// A free virtio-mmio slot (layout.h): where a device's registers go and which line it raises.
+struct VirtioSlot {
+  uint32_t index;
+  uint64_t base;
+  uint64_t size;
+  uint32_t irq;
+  // The kernel command-line word that tells Linux about it: virtio_mmio.device=0x200@0xd0000000:16
+  std::string cmdline() const;
+};
+
 // Handed to each device's attach function once, during boot: after the VM and guest memory exist
 // and the event loop runs, before the kernel's command line is written and before any vCPU runs.
 // Everything returned lives until the machine ends; the machine stops the event loop first, so no
@@ -64,8 +74,11 @@ class DeviceHost {
   virtual Doorbell& addDoorbell(uint64_t addr, uint32_t size, std::optional<uint64_t> match, std::function<void(uint64_t rings)> onRing) = 0;
   // Interrupt line `line` (an IO-APIC pin, layout.h) as an InterruptLine.
   virtual InterruptLine& interruptLine(uint32_t line) = 0;
-  // Words for the kernel command line (virtio_mmio.device=512@0xd0000000:16).
+  // Words for the kernel command line (VirtioSlot::cmdline()).
   virtual void appendCmdline(const std::string& words) = 0;
+  // The lowest virtio-mmio slot whose range and line nobody has taken yet; it is the caller's to
+  // addMmio and interruptLine. Throws when all are taken.
+  virtual VirtioSlot freeVirtioSlot() = 0;
 };
 
 using DeviceAttach = std::function<void(DeviceHost& host)>;

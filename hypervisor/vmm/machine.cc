@@ -254,6 +254,18 @@ void Machine::appendCmdline(const std::string& words) {
   if (!words.empty()) cmdline_ += (cmdline_.empty() ? "" : " ") + words;
 }
 
+VirtioSlot Machine::freeVirtioSlot() {
+  for (uint32_t i = 0; i < layout::kVirtioMmioSlots; i++) {
+    VirtioSlot slot{i, layout::virtioMmioSlot(i), layout::kVirtioMmioSlotSize, layout::virtioIrq(i)};
+    bool lineTaken = false;
+    for (const auto& l : lines_) lineTaken = lineTaken || l->line_ == slot.irq;
+    if (!lineTaken && !bus_.overlaps(slot.base, slot.size)) return slot;
+  }
+  throw HypervisorError("all " + std::to_string(layout::kVirtioMmioSlots) + " virtio-mmio slots are taken");
+}
+
+std::string VirtioSlot::cmdline() const { return "virtio_mmio.device=" + hex(size) + "@" + hex(base) + ":" + std::to_string(irq); }
+
 std::string Machine::eventsSummary() const {
   if (doorbells_.empty() && lines_.empty()) return "";
   int bells[2] = {0, 0}, irqs[2] = {0, 0};

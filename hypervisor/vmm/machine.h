@@ -92,6 +92,7 @@ class Machine final : public ExitHandler, private DeviceHost {
   Doorbell& addDoorbell(uint64_t addr, uint32_t size, std::optional<uint64_t> match, std::function<void(uint64_t)> onRing) override;
   InterruptLine& interruptLine(uint32_t line) override;
   void appendCmdline(const std::string& words) override;
+  VirtioSlot freeVirtioSlot() override;
 
   class MachineDoorbell;
   class MachineInterruptLine;

@@ -22,6 +22,13 @@ void MmioBus::add(uint64_t base, uint64_t size, std::shared_ptr<MmioDevice> devi
   ranges_.push_back({base, size, std::move(device)});
 }
 
+bool MmioBus::overlaps(uint64_t addr, uint64_t size) const {
+  for (const auto& r : ranges_) {
+    if (addr < r.base + r.size && r.base < addr + size) return true;
+  }
+  return false;
+}
+
 const MmioBus::Range* MmioBus::find(uint64_t addr, uint64_t size) const {
   for (const auto& r : ranges_) {
     // Overflow-free: addr - r.base is only formed once addr >= r.base.

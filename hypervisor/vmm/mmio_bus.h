@@ -18,6 +18,8 @@ class MmioBus {
   bool write(uint64_t addr, const uint8_t* data, uint32_t size) const;
   // True if [addr, addr + size) lies inside one device's range.
   bool covers(uint64_t addr, uint64_t size) const { return find(addr, size) != nullptr; }
+  // True if any device's range meets [addr, addr + size).
+  bool overlaps(uint64_t addr, uint64_t size) const;
   void clear() { ranges_.clear(); }
 
  private:
