@@ -108,10 +108,13 @@ class EpollLoop final : public EventLoop {
 
  private:
   void removeNow(IoHandle h) {
+    std::shared_ptr<Handler> gone;  // freed after the lock: its captures may post as they go
     std::lock_guard<std::mutex> lock(mu_);
     auto it = keys_.find(h);
     if (it == keys_.end()) return;
-    handlers_.erase(it->second);
+    auto handler = handlers_.find(it->second);
+    gone = std::move(handler->second);
+    handlers_.erase(handler);
     keys_.erase(it);
     // The handle may already be closed (then the kernel dropped it from the set itself).
     epoll_ctl(epoll_, EPOLL_CTL_DEL, h, nullptr);
