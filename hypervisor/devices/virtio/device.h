@@ -77,9 +77,10 @@ bool drainQueue(Queue& queue, uint16_t index, Guest& guest, uint32_t budget, Han
   Chain chain;
   bool pushed = false;
   bool more = false;
-  do {
+  for (bool first = true;; first = false) {
     queue.disableNotification();
-    while (queue.pop(chain)) {
+    uint32_t before = budget;
+    while (budget > 0 && queue.pop(chain)) {
       uint32_t usedLen = 0;
       std::string why;
       if (!handle(chain, usedLen, why)) {
@@ -88,7 +89,7 @@ bool drainQueue(Queue& queue, uint16_t index, Guest& guest, uint32_t budget, Han
       }
       queue.push(chain.head, usedLen);
       pushed = true;
-      if (--budget == 0) break;
+      --budget;
     }
     if (queue.failed()) {
       guest.fail(queue.failure());
@@ -98,7 +99,11 @@ bool drainQueue(Queue& queue, uint16_t index, Guest& guest, uint32_t budget, Han
       more = true;
       break;
     }
-  } while (queue.enableNotification());
+    // enableNotification() said more had arrived, yet nothing was there: the driver moved its idx
+    // back (a hostile guest, or rings placed over our own writes). Stop rather than spin on it.
+    if (!first && budget == before) break;
+    if (!queue.enableNotification()) break;
+  }
   if (pushed && queue.needsNotification()) guest.usedBuffers(index);
   return more;
 }

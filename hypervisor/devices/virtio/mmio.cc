@@ -108,7 +108,9 @@ void Mmio::write(uint64_t offset, const uint8_t* data, uint32_t size) {
     if (notify_) {
       notify_(static_cast<uint16_t>(value));
     } else {
-      while (processQueue(static_cast<uint16_t>(value))) {
+      // Bounded: a vCPU held here forever could not be stopped. A benign driver's queue is
+      // drained long before; a hostile one is left to kick again.
+      for (int round = 0; round < 16 && processQueue(static_cast<uint16_t>(value)); ++round) {
       }
     }
     return;

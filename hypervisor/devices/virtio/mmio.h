@@ -28,7 +28,8 @@ class Mmio final : private Guest {
   using Interrupt = std::function<void(bool level)>;
   // The driver wrote QueueNotify for `queue` (< the device's queue count). The machine either runs
   // processQueue(queue) on its device thread or, with an ioeventfd registered at
-  // kQueueNotifyOffset, never sees this at all. Null: processQueue runs inline, on the vCPU thread, until no work is left.
+  // kQueueNotifyOffset, never sees this at all. Null: processQueue runs inline on the vCPU thread, a bounded number of
+  // rounds (tests, and machines without an event loop).
   using Notify = std::function<void(uint16_t queue)>;
   using Log = std::function<void(const std::string& message)>;
 

@@ -56,10 +56,11 @@ bool Vsock::processTx() {
   Chain chain;
   bool pushed = false, more = false;
   uint32_t budget = kTxBudget;
-  for (;;) {
+  for (bool first = true;; first = false) {
     tx.disableNotification();
+    uint32_t before = budget;
     // Backpressure: a guest that does not post rx buffers cannot make us queue replies forever.
-    while (control_.size() < kMaxControl && budget > 0 && tx.pop(chain)) {
+    while (budget > 0 && control_.size() < kMaxControl && tx.pop(chain)) {
       std::string why;
       if (!handleTx(chain, why)) {
         guest_->fail(why);
@@ -78,6 +79,7 @@ bool Vsock::processTx() {
       break;
     }
     if (control_.size() >= kMaxControl) break;  // resumed by the next rx kick
+    if (!first && budget == before) break;  // "more" that was not there (see drainQueue)
     if (!tx.enableNotification()) break;
   }
   if (pushed && tx.needsNotification()) guest_->usedBuffers(kTx);

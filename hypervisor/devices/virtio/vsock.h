@@ -59,7 +59,8 @@ class Vsock final : public Device {
   } __attribute__((packed));
   static_assert(sizeof(Header) == 44, "virtio_vsock_hdr is 44 bytes");
 
-  // guestCid >= 3 (0-2 are reserved); the machine validates it.
+  // guestCid >= 3 (0-2 are reserved); the machine validates it. `host` must outlive the device
+  // (the destructor closes the sockets it still owns and tells `host`).
   Vsock(uint64_t guestCid, VsockHost& host);
   ~Vsock() override;
 

@@ -3,6 +3,8 @@
 # would lay it out, so the fuzzers start from inputs that reach the devices' deep paths and mutate
 # from there. The layouts mirror the targets' input formats (queue.cc, blk.cc, mmio.cc).
 # Run: python3 hypervisor/devices/virtio/fuzz/make-seeds.py
+# seeds/*/regression-* are not made here: they are inputs the fuzzers once failed on, kept so every
+# run replays them.
 import os
 import struct
 

@@ -391,6 +391,29 @@ TEST(queue_no_event_idx_flags) {
   CHECK(q.needsNotification());
 }
 
+// Found by the mmio fuzz target: the avail ring's idx placed on the used ring's flags, without
+// event idx. Kick suppression then rewrites the avail idx (1 on disable, 0 on enable), so
+// enableNotification keeps reporting "more" while pop finds nothing: the loop must stay bounded.
+TEST(queue_overlapping_rings_do_not_spin) {
+  struct Quiet : Guest {
+    void usedBuffers(uint16_t) override {}
+    void configChanged() override {}
+    void fail(const std::string&) override {}
+  } guest;
+  FakeMemory mem{{kRam, kRamSize}};
+  Queue q(4);
+  q.setSize(4);
+  q.setDescTable(kRam);
+  q.setAvailRing(kRam + 0x7e);
+  q.setUsedRing(kRam + 0x80);
+  std::string why;
+  CHECK(q.activate(mem.map, kFVersion1, why));
+  int rounds = 0;
+  for (; rounds < 100 && drainQueue(q, 0, guest, 64, [](const Chain&, uint32_t&, std::string&) { return true; }); ++rounds) {
+  }
+  CHECK(rounds < 100);  // every call returns, and the device stops asking to be called again
+}
+
 // ---- virtio-mmio --------------------------------------------------------------------------------
 
 uint32_t rd(Mmio& m, uint64_t off) {
@@ -860,6 +883,38 @@ TEST(blk_read_only) {
   b.h.mem.set<uint64_t>(kData + 0x108, 1);
   CHECK(b.request(Block::kTDiscard, 0, kData + 0x100, 16, false) == Block::kSUnsupp);
   CHECK(b.request(Block::kTFlush, 0, 0, 0, false) == Block::kSOk);
+  unlink(path.c_str());
+}
+
+TEST(blk_host_io_errors_become_ioerr) {
+  // A disk the host can only read, offered to the guest as writable: every write, discard and
+  // zeroing fails on the host (EBADF) and the guest gets IOERR, never a crash or a hang.
+  std::string path = tempDisk("ioerr", kDiskSize);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  Block disk(fd, {});
+  MmioHarness h(disk, disk.features());
+  CHECK(h.bringUp(16) & kDriverOk);
+  auto request = [&](uint32_t type, uint64_t dataGpa, uint32_t dataLen) {
+    h.mem.set<uint32_t>(kData, type);
+    h.mem.set<uint64_t>(kData + 8, 0);
+    std::vector<DriverBuffer> bufs{{kData, 16, false}};
+    if (dataLen) bufs.push_back({dataGpa, dataLen, false});
+    bufs.push_back({kData + 16, 1, true});
+    h.driver->add(bufs);
+    h.driver->publish();
+    h.kick();
+    uint32_t id, len;
+    h.driver->getUsed(id, len);
+    return h.mem.get<uint8_t>(kData + 16);
+  };
+  CHECK(request(Block::kTOut, kBuf, 512) == Block::kSIoErr);
+  h.mem.set<uint64_t>(kData + 0x100, 0);
+  h.mem.set<uint32_t>(kData + 0x108, 8);
+  h.mem.set<uint32_t>(kData + 0x10c, 0);
+  CHECK(request(Block::kTWriteZeroes, kData + 0x100, 16) == Block::kSIoErr);
+  h.mem.set<uint32_t>(kData + 0x10c, 1);
+  CHECK(request(Block::kTWriteZeroes, kData + 0x100, 16) == Block::kSIoErr);
+  CHECK(!(rd(h.mmio, 0x70) & kDeviceNeedsReset));
   unlink(path.c_str());
 }
 
