@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 seconds="${SKIFF_FUZZ_SECONDS:-60}"
-out="${SKIFF_FUZZ_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/skiff-dev/virtio-fuzz}"
+out="${SKIFF_FUZZ_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/skiff-dev/virtio-fuzz}"
 src="hypervisor/devices/virtio"
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(queue blk mmio vsock)
