@@ -10,6 +10,7 @@
 #include "devices/doorbell_test.h"
 #include "probe.h"
 #include "vmm/machine.h"
+#include "vmm/virtio_devices.h"
 
 namespace {
 
@@ -91,6 +92,31 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
       if (!v.IsBoolean()) Napi::TypeError::New(env, std::string("Machine config: ") + key + " must be a boolean").ThrowAsJavaScriptException();
       return v.IsBoolean() && v.As<Napi::Boolean>().Value();
     };
+    // virtio devices (vmm/virtio_devices.h): rng: boolean, disks: [{path, readOnly, serial}],
+    // vsockDir: string (the VM's private directory for vsock's Unix sockets).
+    skiff::VirtioConfig virtio;
+    virtio.rng = flag("rng");
+    Napi::Value disks = o.Get("disks");
+    if (!disks.IsUndefined()) {
+      if (!disks.IsArray()) {
+        Napi::TypeError::New(env, "Machine config: disks must be an array").ThrowAsJavaScriptException();
+        return;
+      }
+      Napi::Array list = disks.As<Napi::Array>();
+      for (uint32_t i = 0; i < list.Length(); i++) {
+        Napi::Value d = list.Get(i);
+        if (!d.IsObject() || !d.As<Napi::Object>().Get("path").IsString()) {
+          Napi::TypeError::New(env, "Machine config: disks[] must be {path, readOnly?, serial?}").ThrowAsJavaScriptException();
+          return;
+        }
+        Napi::Object disk = d.As<Napi::Object>();
+        Napi::Value ro = disk.Get("readOnly"), serial = disk.Get("serial");
+        virtio.disks.push_back({disk.Get("path").As<Napi::String>().Utf8Value(), ro.IsBoolean() && ro.As<Napi::Boolean>().Value(), serial.IsString() ? serial.As<Napi::String>().Utf8Value() : ""});
+      }
+    }
+    virtio.vsockDir = str("vsockDir", false);
+    if (env.IsExceptionPending()) return;
+    if (virtio.rng || !virtio.disks.empty() || !virtio.vsockDir.empty()) config_.devices.push_back(skiff::attachVirtio(std::move(virtio)));
     if (flag("doorbellTest")) config_.devices.push_back(skiff::attachDoorbellTest);
     config_.emulateDoorbells = flag("emulateDoorbells");
     config_.emulateInterruptLines = flag("emulateInterruptLines");

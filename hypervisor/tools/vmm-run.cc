@@ -1,10 +1,13 @@
 // Runs one machine from the command line with the plain C++ core, no Node: for debugging and for
 // the sanitizer test (test/native-asan.test.ts builds this with ASan and UBSan).
-//   vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] KERNEL [CMDLINE] [CPUS] [INITRD]
+//   vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] [--rng] [--disk=FILE[,ro]]...
+//           [--vsock=DIR] KERNEL [CMDLINE] [CPUS] [INITRD]
 // --stdin: stdin is the guest's console input, read on the machine's event loop.
 // --doorbell-test: attach the doorbell test device (devices/doorbell_test.h).
 // --emulate-doorbells, --emulate-irqs: the VMM does doorbells (interrupt lines) even where the
 // backend could.
+// --rng, --disk=FILE[,ro] (repeatable; serial skiff-disk-N), --vsock=DIR: skiff's virtio devices
+// (vmm/virtio_devices.h); DIR is where vsock's Unix sockets go.
 // Prints the console, then one line: "[result kind=K status=S detail=D events=E]".
 #include <unistd.h>
 
@@ -15,21 +18,32 @@
 
 #include "devices/doorbell_test.h"
 #include "vmm/machine.h"
+#include "vmm/virtio_devices.h"
 
 int main(int argc, char** argv) {
   skiff::MachineConfig config;
+  skiff::VirtioConfig virtio;
   int i = 1;
   for (; i < argc && std::strncmp(argv[i], "--", 2) == 0; i++) {
     if (std::strcmp(argv[i], "--stdin") == 0) config.consoleInput = STDIN_FILENO;
     else if (std::strcmp(argv[i], "--doorbell-test") == 0) config.devices.push_back(skiff::attachDoorbellTest);
     else if (std::strcmp(argv[i], "--emulate-doorbells") == 0) config.emulateDoorbells = true;
     else if (std::strcmp(argv[i], "--emulate-irqs") == 0) config.emulateInterruptLines = true;
+    else if (std::strcmp(argv[i], "--rng") == 0) virtio.rng = true;
+    else if (std::strncmp(argv[i], "--vsock=", 8) == 0) virtio.vsockDir = argv[i] + 8;
+    else if (std::strncmp(argv[i], "--disk=", 7) == 0) {
+      std::string spec = argv[i] + 7;
+      bool ro = spec.size() > 3 && spec.compare(spec.size() - 3, 3, ",ro") == 0;
+      if (ro) spec.resize(spec.size() - 3);
+      virtio.disks.push_back({spec, ro, "skiff-disk-" + std::to_string(virtio.disks.size())});
+    }
     else break;
   }
   if (i >= argc) {
-    std::fprintf(stderr, "usage: vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] KERNEL [CMDLINE] [CPUS] [INITRD]\n");
+    std::fprintf(stderr, "usage: vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] [--rng] [--disk=FILE[,ro]]... [--vsock=DIR] KERNEL [CMDLINE] [CPUS] [INITRD]\n");
     return 2;
   }
+  if (virtio.rng || !virtio.disks.empty() || !virtio.vsockDir.empty()) config.devices.push_back(skiff::attachVirtio(virtio));
   config.kernelPath = argv[i];
   config.cmdline = argc > i + 1 ? argv[i + 1] : "";
   config.cpus = argc > i + 2 ? static_cast<uint32_t>(std::atoi(argv[i + 2])) : 1;
