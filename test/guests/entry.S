@@ -186,6 +186,40 @@ doorbell_irq:
 	iretq
 
 /*
+ * The virtio devices' interrupt (IDT vector VIRTIO_VECTOR in guest.c): virtio_irq_handler (C,
+ * virtio.c) acknowledges and counts it; then EOI. Saves what the C ABI lets a callee clobber.
+ */
+	.globl virtio_irq
+virtio_irq:
+	pushq	%rax
+	pushq	%rcx
+	pushq	%rdx
+	pushq	%rsi
+	pushq	%rdi
+	pushq	%r8
+	pushq	%r9
+	pushq	%r10
+	pushq	%r11
+	pushq	%rbp
+	movq	%rsp, %rbp
+	andq	$-16, %rsp
+	call	virtio_irq_handler
+	movq	%rbp, %rsp
+	popq	%rbp
+	movabsq	$0xfee000b0, %rax
+	movl	$0, (%rax)
+	popq	%r11
+	popq	%r10
+	popq	%r9
+	popq	%r8
+	popq	%rdi
+	popq	%rsi
+	popq	%rdx
+	popq	%rcx
+	popq	%rax
+	iretq
+
+/*
  * Ring-3 payload: sum 1..10,000,000, store it in ring3_result, then ud2.
  * The #UD (vector 6) enters ring 0 through the IDT and TSS.rsp0, where
  * exception_handler checks it came from ring3_ud2 at CPL 3.
@@ -237,6 +271,18 @@ ring3_doorbell:
 ring3_doorbell_ud2:
 	ud2
 	jmp	ring3_doorbell_ud2
+
+/*
+ * Ring-3 payload that calls a C function (ring3_fn, set by ring 0; the virtio tests' driver in
+ * virtio.c), then ud2 back to ring 0. The stack is 16-byte aligned at entry, so after the call
+ * pushes the return address the callee sees the ABI's alignment.
+ */
+	.globl ring3_call, ring3_call_ud2
+ring3_call:
+	call	*ring3_fn(%rip)
+ring3_call_ud2:
+	ud2
+	jmp	ring3_call_ud2
 
 /* ------------------------------------------------------------------------ */
 /*

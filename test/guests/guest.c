@@ -22,6 +22,8 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef unsigned long usize;
 
+#include "virtio.h"
+
 #define PORT_COM1 0x3f8
 #define PORT_EXIT 0xf4
 #define PORT_I8042 0x64
@@ -111,6 +113,8 @@ extern u16 entry64_cs, entry64_ds, entry64_ss;
 extern u64 gdt[];
 extern char exc_stubs[];
 extern char ring3_entry[], ring3_ud2[], ring3_doorbell[], ring3_doorbell_ud2[], doorbell_irq[];
+extern char ring3_call[], ring3_call_ud2[], virtio_irq[];
+void (*ring3_fn)(void); /* what ring3_call runs */
 void enter_ring3_irq(u64 rip, u64 rsp) __attribute__((noreturn));
 extern const u8 ap_tramp_start[], ap_tramp_end[];
 void enter_ring3(u64 rip, u64 rsp) __attribute__((noreturn));
@@ -293,8 +297,10 @@ struct desc_ptr {
 #define IOAPIC_BASE 0xfec00000ull
 #define LAPIC_BASE 0xfee00000ull
 
-/* Vectors 0-31 are the CPU's exceptions; DOORBELL_VECTOR is the last one the IDT covers. */
-static struct idt_gate idt[DOORBELL_VECTOR + 1] __attribute__((aligned(16)));
+#define VIRTIO_VECTOR 0x41 /* every virtio device's pin (virtio.c counts per device) */
+
+/* Vectors 0-31 are the CPU's exceptions; VIRTIO_VECTOR is the last one the IDT covers. */
+static struct idt_gate idt[VIRTIO_VECTOR + 1] __attribute__((aligned(16)));
 static struct tss64 tss __attribute__((aligned(16)));
 static u8 ring0_stack[8192] __attribute__((aligned(16)));  /* TSS.rsp0 */
 static u8 ring3_stack[4096] __attribute__((aligned(16)));
@@ -302,6 +308,9 @@ u64 ring3_result;
 static int ring3_running; /* 0, or which ring-3 payload runs: RING3_SUM or RING3_DOORBELL */
 #define RING3_SUM 1
 #define RING3_DOORBELL 2
+#define RING3_CALL 3
+struct exc_frame;
+static void (*ring3_after)(struct exc_frame *f) __attribute__((noreturn)); /* ring 0's continuation after RING3_CALL */
 /* Written by ring 3, the host (doorbell_reply) and doorbell_irq: hence volatile reads. */
 u64 doorbell_reply, doorbell_irqs, doorbell_round, doorbell_rounds, doorbell_lost;
 
@@ -348,6 +357,10 @@ void exception_handler(struct exc_frame *f)
 {
     if (ring3_running == RING3_DOORBELL && f->vector == 6 && (f->cs & 3) == 3)
         doorbell_report(f);
+    if (ring3_running == RING3_CALL && f->vector == 6 && (f->cs & 3) == 3 && f->rip == (u64)(usize)ring3_call_ud2) {
+        ring3_running = 0;
+        ring3_after(f);
+    }
     if (ring3_running == RING3_SUM && f->vector == 6 && (f->cs & 3) == 3) {
         ring3_running = 0;
         u64 sum = *(volatile u64 *)&ring3_result;
@@ -775,6 +788,127 @@ static void doorbell_report(struct exc_frame *f)
     int ok = f->rip == (u64)(usize)ring3_doorbell_ud2 && done == want && irqs == want && rings == want &&
              (doorbell_lost ? reply == 0 && lost == want : reply == want && lost == 0);
     guest_exit(ok ? EXIT_OK : EXIT_FAIL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* skiff.test=virtio-*: skiff's virtio devices over virtio-mmio, driven from ring 3 (virtio.c). */
+
+static const char *cmd_line; /* the command line, for the virtio tests */
+static usize cmd_len;
+static u8 virtio_stack[16384] __attribute__((aligned(16)));
+
+/* A number in C syntax: 0x hex or decimal. */
+static int parse_num(const char *s, usize n, u64 *out)
+{
+    u64 v = 0;
+    int hex = n > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X');
+    usize i = hex ? 2 : 0;
+    if (i == n)
+        return 0;
+    for (; i < n; i++) {
+        char c = s[i];
+        u64 d;
+        if (c >= '0' && c <= '9')
+            d = (u64)(c - '0');
+        else if (hex && c >= 'a' && c <= 'f')
+            d = (u64)(c - 'a' + 10);
+        else if (hex && c >= 'A' && c <= 'F')
+            d = (u64)(c - 'A' + 10);
+        else
+            return 0;
+        if (v > (~0ull - d) / (hex ? 16 : 10))
+            return 0;
+        v = v * (hex ? 16 : 10) + d;
+    }
+    *out = v;
+    return 1;
+}
+
+/* Every "virtio_mmio.device=SIZE@BASE:IRQ" word into vdevs[], in command-line order. */
+static void find_virtio_devices(void)
+{
+    static const char key[] = "virtio_mmio.device=";
+    usize i = 0;
+    while (i < cmd_len) {
+        while (i < cmd_len && is_space(cmd_line[i]))
+            i++;
+        usize start = i;
+        while (i < cmd_len && !is_space(cmd_line[i]))
+            i++;
+        const char *w = cmd_line + start;
+        usize n = i - start;
+        if (!starts_with(w, n, key))
+            continue;
+        w += sizeof(key) - 1;
+        n -= sizeof(key) - 1;
+        usize at = 0, colon = 0;
+        while (at < n && w[at] != '@')
+            at++;
+        colon = at;
+        while (colon < n && w[colon] != ':')
+            colon++;
+        u64 size, base, irq;
+        if (at >= n || colon >= n || !parse_num(w, at, &size) || !parse_num(w + at + 1, colon - at - 1, &base) ||
+            !parse_num(w + colon + 1, n - colon - 1, &irq) || size < 0x100 || !mapped(base, size) || irq >= 24 ||
+            nvdevs >= VIRTIO_MAX_DEVICES) {
+            puts("guest: bad or too many virtio_mmio.device= words: ");
+            putn(cmd_line + start, i - start);
+            putc('\n');
+            guest_exit(EXIT_FAIL);
+        }
+        struct vdev *d = &vdevs[nvdevs++];
+        d->base = base;
+        d->size = (u32)size;
+        d->irq = (u32)irq;
+    }
+}
+
+static void virtio_report(struct exc_frame *f) __attribute__((noreturn));
+static void virtio_report(struct exc_frame *f)
+{
+    (void)f;
+    /* vlog is ring 3's: bounded by its size whatever it wrote into vlog_len. */
+    usize n = vlog_len < sizeof(vlog) ? vlog_len : sizeof(vlog);
+    usize line = 0;
+    for (usize i = 0; i < n; i++) {
+        if (vlog[i] == '\n') {
+            puts("guest: ");
+            putn(vlog + line, i - line);
+            putc('\n');
+            line = i + 1;
+        }
+    }
+    for (u32 i = 0; i < nvdevs; i++) {
+        puts("guest: virtio irqs slot=");
+        put_hex(vdevs[i].base);
+        puts(" count=");
+        put_dec(vdevs[i].irqs);
+        putc('\n');
+    }
+    puts(vresult ? "guest: virtio ok\n" : "guest: virtio FAILED\n");
+    guest_exit(vresult ? EXIT_OK : EXIT_FAIL);
+}
+
+/* Finds the devices, routes their pins to VIRTIO_VECTOR, runs `fn` in ring 3 with interrupts
+   on, and reports when it traps back. */
+static void test_virtio(void (*fn)(void))
+{
+    find_virtio_devices();
+    puts("guest: virtio devices=");
+    put_dec(nvdevs);
+    putc('\n');
+    set_gate(VIRTIO_VECTOR, (u64)(usize)virtio_irq);
+    for (u32 i = 0; i < nvdevs; i++) {
+        ioapic_write(0x10 + 2 * vdevs[i].irq + 1, 0);
+        ioapic_write(0x10 + 2 * vdevs[i].irq, VIRTIO_VECTOR);
+    }
+    *(volatile u32 *)(usize)(LAPIC_BASE + 0x80) = 0;     /* TPR: accept every priority */
+    *(volatile u32 *)(usize)(LAPIC_BASE + 0xf0) = 0x1ff; /* SVR: APIC on, spurious vector 0xff */
+    setup_tss();
+    ring3_fn = fn;
+    ring3_after = virtio_report;
+    ring3_running = RING3_CALL;
+    enter_ring3_irq((u64)(usize)ring3_call, (u64)(usize)(virtio_stack + sizeof(virtio_stack)));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1319,6 +1453,16 @@ void guest_main(u64 info_paddr, u32 boot_mode)
         }
         if (equals(t, n, "smp"))
             test_smp();
+        cmd_line = cmd;
+        cmd_len = cmdlen;
+        if (equals(t, n, "virtio-rng"))
+            test_virtio(virtio_rng_ring3);
+        if (equals(t, n, "virtio-blk"))
+            test_virtio(virtio_blk_ring3);
+        if (equals(t, n, "virtio-vsock"))
+            test_virtio(virtio_vsock_ring3);
+        if (equals(t, n, "virtio-hostile"))
+            test_virtio(virtio_hostile_ring3);
         if (starts_with(t, n, "exit=")) {
             u32 status;
             if (!parse_u32(t + 5, n - 5, &status)) {
