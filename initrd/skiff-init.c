@@ -28,7 +28,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <sys/io.h>
+#include <sys/socket.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -182,6 +187,63 @@ static pid_t spawn(char **argv, int interactive) {
   int err = errno;
   say("skiff-init: cannot run '%s': %s\n", argv[0], strerror(err));
   _exit(err == ENOENT ? 127 : 126);
+}
+
+// The guest's network, when the VM has a NIC: skiff's virtio-net NATs through libslirp, whose
+// fixed plan is guest 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3. Loopback is always brought up.
+#define GUEST_IP "10.0.2.15"
+#define GUEST_NETMASK "255.255.255.0"
+#define GATEWAY_IP "10.0.2.2"
+#define DNS_IP "10.0.2.3"
+
+static int set_inet(int fd, unsigned long request, const char *ifname, const char *addr) {
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+  struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+  sin->sin_family = AF_INET;
+  if (inet_pton(AF_INET, addr, &sin->sin_addr) != 1) return -1;
+  return ioctl(fd, request, &ifr);
+}
+
+static int link_up(int fd, const char *ifname) {
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+  if (ioctl(fd, SIOCGIFFLAGS, &ifr) != 0) return -1;
+  ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+  return ioctl(fd, SIOCSIFFLAGS, &ifr);
+}
+
+static void setup_network(void) {
+  int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;  // a kernel without INET: nothing to set up
+  if (link_up(fd, "lo") != 0) say("skiff-init: bringing up lo: %s\n", strerror(errno));
+  if (access("/sys/class/net/eth0", F_OK) == 0) {
+    if (set_inet(fd, SIOCSIFADDR, "eth0", GUEST_IP) != 0 || set_inet(fd, SIOCSIFNETMASK, "eth0", GUEST_NETMASK) != 0 ||
+        link_up(fd, "eth0") != 0) {
+      say("skiff-init: configuring eth0: %s\n", strerror(errno));
+    } else {
+      struct rtentry rt;
+      memset(&rt, 0, sizeof rt);
+      struct sockaddr_in *dst = (struct sockaddr_in *)&rt.rt_dst, *gw = (struct sockaddr_in *)&rt.rt_gateway,
+                         *mask = (struct sockaddr_in *)&rt.rt_genmask;
+      dst->sin_family = gw->sin_family = mask->sin_family = AF_INET;
+      inet_pton(AF_INET, GATEWAY_IP, &gw->sin_addr);
+      rt.rt_flags = RTF_UP | RTF_GATEWAY;
+      rt.rt_dev = "eth0";
+      if (ioctl(fd, SIOCADDRT, &rt) != 0 && errno != EEXIST) say("skiff-init: default route: %s\n", strerror(errno));
+      // An image may bring its own resolv.conf; only a missing one is written.
+      int rfd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+      if (rfd >= 0) {
+        static const char text[] = "nameserver " DNS_IP "\n";
+        ssize_t unused = write(rfd, text, sizeof text - 1);
+        (void)unused;
+        close(rfd);
+      }
+    }
+  }
+  close(fd);
 }
 
 struct service {
@@ -389,6 +451,7 @@ int main(int argc, char **argv) {
     interactive = 1;
   }
 
+  setup_network();
   say("skiff-init: ready %.6f %llu\n", uptime_seconds(), read_tsc());
   int failed = run_image_commands();
   if (failed) end_guest(cmdline, failed);
