@@ -48,7 +48,7 @@ test('facts: PVH entry state, start_info, command line, memory map and the initr
   // 32-bit protected mode, paging off, flat segments at 0x10/0x18, %ebx -> start_info (layout.h).
   t.regex(lines.find((l) => l.startsWith('entry '))!, /cr0=0x11 cr4=0x0 eflags=0x2 cs=0x10 ds=0x18 es=0x18 ss=0x18 ebx=0x6000$/);
   t.regex(lines.find((l) => l.startsWith('start_info '))!, /^start_info magic=0x336ec578 version=1 flags=0x0 /);
-  t.regex(lines.find((l) => l.startsWith('cmdline '))!, /^cmdline console=ttyS0 .*skiff\.test=facts$/);
+  t.regex(lines.find((l) => l.startsWith('cmdline '))!, /^cmdline console=ttyS0 .*skiff\.test=facts virtio_mmio\.device=0x200@0xd0000000:16 virtio_mmio\.device=0x200@0xd0000200:17$/); // the engine adds rng and vsock
   const memmap = lines.filter((l) => l.startsWith('memmap addr=')).map((l) => l.slice(7));
   t.deepEqual(memmap, ['addr=0x0 size=0x9fc00 type=0x1', 'addr=0x9fc00 size=0x60400 type=0x2', `addr=0x100000 size=${(64 * MiB - 0x100000).toString(16).replace(/^/, '0x')} type=0x1`]);
   const mod = /^module index=0 paddr=0x([0-9a-f]+) size=0x([0-9a-f]+) fnv1a=0x([0-9a-f]+)$/.exec(lines.find((l) => l.startsWith('module '))!)!;
@@ -146,7 +146,7 @@ test('bzImage facts: long mode entry, boot_params, command line, e820 and the in
   // %rsi -> the zero page (layout.h kZeroPage).
   t.true(lines.includes('entry64 cs=0x10 ds=0x18 ss=0x18 cr0=0x80000011 cr4=0x20 efer=0x500 rsi=0x3000'), lines.join('\n'));
   t.true(lines.includes('boot_params hdr_magic=0x53726448 version=0x20f type_of_loader=0xff loadflags=0x1'));
-  t.regex(lines.find((l) => l.startsWith('cmdline '))!, /^cmdline console=ttyS0 .*skiff\.test=facts$/);
+  t.regex(lines.find((l) => l.startsWith('cmdline '))!, /^cmdline console=ttyS0 .*skiff\.test=facts virtio_mmio\.device=0x200@0xd0000000:16 virtio_mmio\.device=0x200@0xd0000200:17$/); // the engine adds rng and vsock
   t.deepEqual(
     lines.filter((l) => l.startsWith('e820 addr=')),
     ['e820 addr=0x0 size=0x9fc00 type=0x1', 'e820 addr=0x9fc00 size=0x60400 type=0x2', `e820 addr=0x100000 size=0x${(64 * MiB - 0x100000).toString(16)} type=0x1`],

@@ -250,8 +250,25 @@ InterruptLine& Machine::interruptLine(uint32_t line) {
   return *l;
 }
 
+// At the end of the kernel's part: Linux hands the words after a "--" to init, so device words
+// go before one if the command line has it.
 void Machine::appendCmdline(const std::string& words) {
-  if (!words.empty()) cmdline_ += (cmdline_.empty() ? "" : " ") + words;
+  if (words.empty()) return;
+  size_t end = cmdline_.size();
+  for (size_t i = 0; i < cmdline_.size();) {
+    size_t start = cmdline_.find_first_not_of(" \t\n", i);
+    if (start == std::string::npos) break;
+    size_t stop = cmdline_.find_first_of(" \t\n", start);
+    if (stop == std::string::npos) stop = cmdline_.size();
+    if (cmdline_.compare(start, stop - start, "--") == 0) {
+      end = start;
+      break;
+    }
+    i = stop;
+  }
+  std::string before = cmdline_.substr(0, end), after = cmdline_.substr(end);
+  while (!before.empty() && (before.back() == ' ' || before.back() == '\t' || before.back() == '\n')) before.pop_back();
+  cmdline_ = before + (before.empty() ? "" : " ") + words + (after.empty() ? "" : " " + after);
 }
 
 VirtioSlot Machine::freeVirtioSlot() {

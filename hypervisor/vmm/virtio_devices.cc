@@ -257,13 +257,13 @@ class VsockBridge final : public virtio::VsockHost {
 // map, the vsock bridge). The machine frees this after stopping the event loop.
 class VirtioSlotDevice final : public MmioDevice {
  public:
-  VirtioSlotDevice(DeviceHost& host, const VirtioSlot& slot, InterruptLine& irq, std::unique_ptr<VsockBridge> bridge, std::unique_ptr<virtio::Device> device, const char* name)
+  VirtioSlotDevice(DeviceHost& host, const VirtioSlot& slot, InterruptLine& irq, std::unique_ptr<VsockBridge> bridge, std::unique_ptr<virtio::Device> device)
       : loop_(host.loop()), bridge_(std::move(bridge)), device_(std::move(device)) {
     for (const auto& r : host.memory().regions()) {
       if (!map_.add({r.gpa, r.size, r.host})) throw HypervisorError("virtio: guest memory region at " + std::to_string(r.gpa) + " refused");
     }
     char where[64];
-    std::snprintf(where, sizeof where, "skiff: %s at 0x%llx: ", name, static_cast<unsigned long long>(slot.base));
+    std::snprintf(where, sizeof where, "skiff: virtio-mmio at 0x%llx: ", static_cast<unsigned long long>(slot.base));
     std::string prefix = where;
     mmio_ = std::make_unique<Mmio>(
         *device_, map_, [&irq](bool level) { if (level) irq.trigger(); },
@@ -292,11 +292,11 @@ class VirtioSlotDevice final : public MmioDevice {
   std::unique_ptr<Mmio> mmio_;
 };
 
-VirtioSlotDevice& attachOne(DeviceHost& host, std::unique_ptr<virtio::Device> device, std::unique_ptr<VsockBridge> bridge, const char* name) {
+VirtioSlotDevice& attachOne(DeviceHost& host, std::unique_ptr<virtio::Device> device, std::unique_ptr<VsockBridge> bridge) {
   VirtioSlot slot = host.freeVirtioSlot();
   InterruptLine& irq = host.interruptLine(slot.irq);
   uint16_t queues = device->queueCount();
-  auto dev = std::make_shared<VirtioSlotDevice>(host, slot, irq, std::move(bridge), std::move(device), name);
+  auto dev = std::make_shared<VirtioSlotDevice>(host, slot, irq, std::move(bridge), std::move(device));
   host.addMmio(slot.base, slot.size, dev);
   VirtioSlotDevice* d = dev.get();  // the bus holds it until the machine ends, after the loop
   for (uint16_t q = 0; q < queues; q++) host.addDoorbell(slot.base + Mmio::kQueueNotifyOffset, 4, q, [d, q](uint64_t) { d->drain(q); });
@@ -318,14 +318,14 @@ DeviceAttach attachVirtio(VirtioConfig config) {
         throw virtio::DeviceError(std::string("disk: ") + e.what());
       }
     }
-    if (config.rng) attachOne(host, std::make_unique<virtio::Rng>(), nullptr, "virtio-rng");
-    for (auto& d : disks) attachOne(host, std::move(d), nullptr, "virtio-blk");
+    if (config.rng) attachOne(host, std::make_unique<virtio::Rng>(), nullptr);
+    for (auto& d : disks) attachOne(host, std::move(d), nullptr);
     if (!config.vsockDir.empty()) {
       auto bridge = std::make_unique<VsockBridge>(host.loop(), config.vsockDir);
       VsockBridge* b = bridge.get();
       auto vsock = std::make_unique<virtio::Vsock>(VirtioConfig::kGuestCid, *b);
       virtio::Vsock* v = vsock.get();
-      VirtioSlotDevice& d = attachOne(host, std::move(vsock), std::move(bridge), "virtio-vsock");
+      VirtioSlotDevice& d = attachOne(host, std::move(vsock), std::move(bridge));
       b->start(d.mmio(), *v);
     }
   };

@@ -34,6 +34,15 @@ export interface NativeMachineConfig {
   /** Tests and benchmarks: the VMM does doorbells / interrupt lines even where the backend could. */
   emulateDoorbells?: boolean;
   emulateInterruptLines?: boolean;
+  /** skiff's virtio devices on virtio-mmio (hypervisor/vmm/virtio_devices.h). */
+  rng?: boolean;
+  disks?: { path: string; readOnly: boolean; serial: string }[];
+  /**
+   * vsock (guest CID 3): a private directory (0700) where the machine listens on `vsock` for host
+   * connections ("CONNECT <port>\n", answered "OK <port>\n") and where a guest connection to CID 2
+   * port P reaches the Unix socket `vsock_P`.
+   */
+  vsockDir?: string;
 }
 
 export interface Addon {

@@ -1,11 +1,13 @@
 // The native engine: skiff's own VMM (hypervisor/) runs the guest on a native thread of this
 // process. The guest reports its status through the exit device at the same port as on QEMU.
 import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import { Writable } from 'node:stream';
 import { PVM_NATIVE_CMDLINE } from '../kernel/flavors.js';
 import type { KernelInfo } from '../kernel/inspect.js';
-import { loadAddon, type NativeResult } from './addon.js';
-import { probeHost } from './host.js';
+import { loadAddon, type NativeMachineConfig, type NativeResult } from './addon.js';
+import { EngineUnavailableError, probeHost } from './host.js';
+import { makeVmDir } from '../store/store.js';
 import { ConsoleTap, findPanic, type ReadyMarker } from './console.js';
 import type { VmConfig } from './config.js';
 import type { Machine, MachineExit } from './machine.js';
@@ -13,8 +15,20 @@ import type { Machine, MachineExit } from './machine.js';
 export async function startNative(config: VmConfig): Promise<Machine> {
   // Only KVM on PVM needs the pvm-native flavor's command line; elsewhere nothing is looked up.
   const release = probeHost().pvm ? (config.kernel.version ?? (await kernelRelease(config.kernel))) : undefined;
-  return new NativeMachine(config, engineCmdline(config.cmdline, release));
+  if (config.disks.length > NATIVE_MAX_DISKS) {
+    throw new EngineUnavailableError(`the native engine takes at most ${NATIVE_MAX_DISKS} disks (8 virtio-mmio slots, one each for rng and vsock), got ${config.disks.length}`);
+  }
+  const vmDir = await makeVmDir();
+  try {
+    return new NativeMachine(config, engineCmdline(config.cmdline, release), vmDir);
+  } catch (err) {
+    await fs.rm(vmDir, { recursive: true, force: true });
+    throw err;
+  }
 }
+
+/** virtio-mmio slots (hypervisor/vmm/layout.h) less rng and vsock. */
+export const NATIVE_MAX_DISKS = 6;
 
 /** The kernel flavor built for KVM on PVM's instruction emulator (src/kernel/flavors.ts) says so in its release. */
 const PVM_NATIVE_RELEASE = /-skiff-pvm-native$/;
@@ -93,7 +107,15 @@ export async function kernelRelease(kernel: KernelInfo): Promise<string | undefi
   }
 }
 
-class NativeMachine implements Machine {
+/**
+ * What the native engine attaches to every VM: virtio-rng, the config's disks (virtio-blk, in
+ * order: vda, vdb, ...) and virtio-vsock (guest CID 3) with its Unix sockets in `vmDir`.
+ */
+export function nativeDevices(config: VmConfig, vmDir: string): Pick<NativeMachineConfig, 'rng' | 'disks' | 'vsockDir'> {
+  return { rng: true, disks: config.disks.map((d) => ({ path: d.path, readOnly: d.readOnly, serial: d.serial })), vsockDir: vmDir };
+}
+
+export class NativeMachine implements Machine {
   readonly engine = 'native' as const;
   readonly description: string;
   readonly output: ConsoleTap;
@@ -104,14 +126,21 @@ class NativeMachine implements Machine {
   private readonly exit: Promise<MachineExit>;
   private timedOut = false;
   private readonly handle;
+  /** The VM's private directory (0700), removed when it ends. */
+  readonly vmDir: string;
+  /** Host -> guest vsock: connect here, send "CONNECT <port>\n", read "OK <port>\n", then the stream is the guest's. */
+  readonly vsockPath: string;
 
   constructor(
     private readonly config: VmConfig,
     boot: { cmdline: string; added: string },
+    vmDir: string,
   ) {
+    this.vmDir = vmDir;
+    this.vsockPath = path.join(vmDir, 'vsock');
     const addon = loadAddon();
     this.description = `native (${addon.probe().backend ?? 'no backend'})${boot.added ? `; pvm-native kernel, so the command line gets: ${boot.added}` : ''}`;
-    this.handle = new addon.Machine({ kernel: config.kernel.path, initrd: config.initrd, cmdline: boot.cmdline, cpus: config.cpus, memoryMiB: config.memoryMiB });
+    this.handle = new addon.Machine({ kernel: config.kernel.path, initrd: config.initrd, cmdline: boot.cmdline, cpus: config.cpus, memoryMiB: config.memoryMiB, ...nativeDevices(config, vmDir) });
     let markReady: (m: ReadyMarker | undefined) => void = () => {};
     this.ready = new Promise((resolve) => (markReady = resolve));
     this.output = new ConsoleTap((m) => markReady(m));
@@ -126,8 +155,9 @@ class NativeMachine implements Machine {
       this.timedOut = true;
       handle.kill();
     }, config.timeoutMs);
-    this.exit = handle.start((chunk) => this.output.write(chunk)).then((result) => {
+    this.exit = handle.start((chunk) => this.output.write(chunk)).then(async (result) => {
       if (timer) clearTimeout(timer);
+      await fs.rm(vmDir, { recursive: true, force: true });
       this.lastResult = result;
       this.output.end();
       markReady(undefined);
