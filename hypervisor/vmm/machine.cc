@@ -430,7 +430,14 @@ MachineResult Machine::run() {
     r.kind = MachineResult::Kind::Error;
     r.detail = e.what();
   }
-  // The vCPUs have ended; the VM and the event loop stay until shutdown() (or the destructor).
+  // The vCPUs have ended. Devices hold what others may be waiting for (a disk's lock, vsock's
+  // socket path), so they go now, after the event loop that runs their work; the VM, slow to free
+  // on KVM on PVM, stays until shutdown() (or the destructor).
+  {
+    std::lock_guard<std::mutex> once(teardownMu_);
+    loop_->stop();
+    bus_.clear();
+  }
   return r;
 }
 

@@ -58,7 +58,8 @@ class Machine final : public ExitHandler, private DeviceHost {
   Machine(MachineConfig config, ConsoleOutput console);
   ~Machine() override;
 
-  // Boots and runs to the end on the calling thread. Never throws: failures are Kind::Error.
+  // Boots and runs to the end on the calling thread, then stops the event loop and frees the
+  // devices (a disk's lock is released when it returns). Never throws: failures are Kind::Error.
   MachineResult run();
   // Frees the VM, its devices and guest memory, after stopping the event loop. Call it after
   // run() returned, on a thread that may wait: destroying a VM takes 2-24 ms on KVM on PVM, so the
