@@ -4,6 +4,7 @@
 import test from 'ava';
 import { execFile, spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -20,7 +21,7 @@ test.before(async () => {
   driver = path.join(dir, 'vmm-run');
   const hv = path.join(root, 'hypervisor');
   const sources: string[] = [path.join(hv, 'tools', 'vmm-run.cc')];
-  for (const sub of ['vmm', 'devices', 'backend', 'backend/kvm', 'loop']) {
+  for (const sub of ['vmm', 'devices', 'devices/virtio', 'backend', 'backend/kvm', 'loop']) {
     for (const f of await fs.readdir(path.join(hv, sub))) if (f.endsWith('.cc')) sources.push(path.join(hv, sub, f));
   }
   await execFileP('g++', ['-std=c++17', '-g', '-O1', '-fsanitize=address,undefined', '-fno-sanitize-recover=all', '-fno-omit-frame-pointer', `-I${hv}`, ...sources, '-o', driver, '-lpthread'], { maxBuffer: 1 << 24 });
@@ -99,6 +100,53 @@ test('the event loop keeps its contract (hypervisor/tools/event-loop-test.cc) un
     t.regex(r.out, /^event loop: \d+ checks ok$/m, sanitizer);
     t.false(/Sanitizer|runtime error/.test(r.out), r.out.slice(-3000));
   }
+});
+
+test('virtio devices on virtio-mmio run clean under ASan/UBSan: rng (both event paths), blk (rw + ro), vsock both ways, a hostile guest', async (t) => {
+  const elf = path.join(guests, 'skiff-test-guest.elf');
+  const vmDir = await fs.mkdtemp(path.join(dir, 'vm-'));
+  const rw = path.join(vmDir, 'rw.img');
+  const ro = path.join(vmDir, 'ro.img');
+  const image = Buffer.alloc(1 << 20, 0xa5);
+  for (let i = 0; i < 512; i++) image[512 + i] = (i * 31 + 7) & 0xff;
+  await fs.writeFile(rw, image);
+  await fs.writeFile(ro, image);
+  for (const flags of [[], ['--emulate-doorbells', '--emulate-irqs']]) {
+    const r = await run(elf, 'skiff.test=virtio-rng', 1, ['--rng', ...flags]);
+    t.true(clean(r) && r.out.includes('guest: virtio ok') && r.out.includes('[result kind=exited status=0'), r.out.slice(-2000));
+  }
+  const blk = await run(elf, 'skiff.test=virtio-blk', 1, [`--disk=${rw}`, `--disk=${ro},ro`]);
+  t.true(clean(blk) && blk.out.includes('guest: virtio ok') && blk.out.includes('[result kind=exited status=0'), blk.out.slice(-2000));
+  const hostile = await run(elf, 'skiff.test=virtio-hostile', 1, ['--rng', `--disk=${rw}`, `--vsock=${vmDir}`]);
+  t.true(clean(hostile) && hostile.out.includes('guest: virtio-hostile rng-after-reset=ok') && hostile.out.includes('[result kind=exited status=0'), hostile.out.slice(-2000));
+
+  // vsock: an echoing listener for the guest's connection, and the host's connection to the guest.
+  const server = net.createServer((s) => s.on('data', (d) => s.write(d)).on('end', () => s.end()).on('error', () => {}));
+  await new Promise<void>((resolve) => server.listen(path.join(vmDir, 'vsock_5000'), resolve));
+  const guest = run(elf, 'skiff.test=virtio-vsock', 1, [`--vsock=${vmDir}`]);
+  let done = false;
+  void guest.then(() => (done = true));
+  while (!done) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = net.connect(path.join(vmDir, 'vsock'));
+      let buf = '';
+      s.on('error', () => resolve(false)).on('close', () => resolve(false));
+      s.on('connect', () => s.write('CONNECT 6000\n'));
+      s.on('data', (d) => {
+        buf += d;
+        if (buf === 'OK 6000\n') s.write('asan ping');
+        if (buf === 'OK 6000\nasan ping') {
+          s.end();
+          resolve(true);
+        }
+      });
+    });
+    if (ok) break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const vsock = await guest;
+  server.close();
+  t.true(clean(vsock) && vsock.out.includes('guest: virtio ok') && vsock.out.includes('[result kind=exited status=0'), vsock.out.slice(-2000));
 });
 
 test('120 seeded header mutations: no sanitizer report, no crash', async (t) => {
