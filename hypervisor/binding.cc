@@ -3,12 +3,14 @@
 // one thread-safe function, so they arrive in order and the JS thread never blocks.
 #include <napi.h>
 
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <thread>
 
 #include "devices/doorbell_test.h"
 #include "probe.h"
+#include "transport/device_server.h"
 #include "vmm/machine.h"
 #include "vmm/virtio_devices.h"
 
@@ -211,9 +213,77 @@ void Deliver(Napi::Env env, Napi::Function onConsole, MachineWrap* self, Message
   onConsole.Call({Napi::Buffer<char>::Copy(env, msg->console.data(), msg->console.size())});
 }
 
+
+// skiff's devices served over vhost-user to a QEMU guest (transport/device_server.h):
+// new DeviceServer({socketDir, disks: [{path, readOnly, serial}], rng, vsock}) opens the disks and
+// binds the sockets at once (a one-line Error if it cannot), then serves on its own native thread.
+// .sockets: [{kind, path}], .vsockPath, .cpuSeconds(), .close() (waits for the device thread:
+// milliseconds). Device log lines (a front-end dropped for breaking the protocol, a device
+// failed by its driver) go to stderr, one line each.
+class DeviceServerWrap : public Napi::ObjectWrap<DeviceServerWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "DeviceServer", {InstanceMethod("close", &DeviceServerWrap::Close), InstanceMethod("cpuSeconds", &DeviceServerWrap::CpuSeconds)});
+  }
+
+  explicit DeviceServerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceServerWrap>(info) {
+    Napi::Env env = info.Env();
+    auto typeError = [&](const std::string& what) { Napi::TypeError::New(env, "DeviceServer config: " + what).ThrowAsJavaScriptException(); };
+    if (info.Length() < 1 || !info[0].IsObject()) { typeError("must be an object"); return; }
+    Napi::Object o = info[0].As<Napi::Object>();
+    skiff::vhost_user::ServeConfig config;
+    if (!o.Get("socketDir").IsString()) { typeError("socketDir must be a string"); return; }
+    config.socketDir = o.Get("socketDir").As<Napi::String>().Utf8Value();
+    for (const char* key : {"rng", "vsock"}) {
+      Napi::Value v = o.Get(key);
+      if (!v.IsUndefined() && !v.IsBoolean()) { typeError(std::string(key) + " must be a boolean"); return; }
+    }
+    config.rng = o.Get("rng").IsBoolean() && o.Get("rng").As<Napi::Boolean>().Value();
+    config.vsock = o.Get("vsock").IsBoolean() && o.Get("vsock").As<Napi::Boolean>().Value();
+    Napi::Value disks = o.Get("disks");
+    if (!disks.IsUndefined()) {
+      if (!disks.IsArray()) { typeError("disks must be an array"); return; }
+      Napi::Array list = disks.As<Napi::Array>();
+      for (uint32_t i = 0; i < list.Length(); i++) {
+        Napi::Value d = list.Get(i);
+        if (!d.IsObject() || !d.As<Napi::Object>().Get("path").IsString()) { typeError("disks[] must be {path, readOnly?, serial?}"); return; }
+        Napi::Object disk = d.As<Napi::Object>();
+        Napi::Value ro = disk.Get("readOnly"), serial = disk.Get("serial");
+        config.disks.push_back({disk.Get("path").As<Napi::String>().Utf8Value(), ro.IsBoolean() && ro.As<Napi::Boolean>().Value(),
+                                serial.IsString() ? serial.As<Napi::String>().Utf8Value() : ""});
+      }
+    }
+    try {
+      server_ = skiff::vhost_user::DeviceServer::start(config, [](const std::string& m) { std::fprintf(stderr, "skiff: %s\n", m.c_str()); });
+    } catch (const std::exception& e) {
+      Napi::Error::New(env, e.what()).ThrowAsJavaScriptException();
+      return;
+    }
+    Napi::Array sockets = Napi::Array::New(env, server_->sockets().size());
+    for (size_t i = 0; i < server_->sockets().size(); i++) {
+      Napi::Object s = Napi::Object::New(env);
+      s.Set("kind", server_->sockets()[i].kind);
+      s.Set("path", server_->sockets()[i].path);
+      sockets.Set(static_cast<uint32_t>(i), s);
+    }
+    info.This().As<Napi::Object>().Set("sockets", sockets);
+    info.This().As<Napi::Object>().Set("vsockPath", server_->vsockPath());
+  }
+
+ private:
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (server_) server_->close();
+    return info.Env().Undefined();
+  }
+  Napi::Value CpuSeconds(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), server_ ? server_->cpuSeconds() : 0); }
+
+  std::unique_ptr<skiff::vhost_user::DeviceServer> server_;
+};
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("probe", Napi::Function::New(env, Probe, "probe"));
   exports.Set("Machine", MachineWrap::Define(env));
+  exports.Set("DeviceServer", DeviceServerWrap::Define(env));
   return exports;
 }
 
