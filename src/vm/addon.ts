@@ -45,9 +45,32 @@ export interface NativeMachineConfig {
   vsockDir?: string;
 }
 
+/** What DeviceServer serves over vhost-user (hypervisor/transport/device_server.h). */
+export interface DeviceServerConfig {
+  /** An existing private directory (0700): the sockets are made here, mode 0600. */
+  socketDir: string;
+  disks?: { path: string; readOnly: boolean; serial: string }[];
+  rng?: boolean;
+  /** vsock, guest CID 3: host side at `<socketDir>/vsock` (CONNECT <port>) and `<socketDir>/vsock_<port>`. */
+  vsock?: boolean;
+}
+
+/** skiff's devices served to a QEMU guest, on their own native thread, until close(). */
+export interface DeviceServerHandle {
+  /** vhost-user sockets in config order: disks (kind 'blk'), then 'rng', then 'vsock'. */
+  readonly sockets: readonly { kind: 'blk' | 'rng' | 'vsock'; path: string }[];
+  /** `<socketDir>/vsock`, or '' without vsock. */
+  readonly vsockPath: string;
+  /** CPU seconds used by the device thread so far (benchmarks). */
+  cpuSeconds(): number;
+  /** Stops serving, releases the disks and removes the sockets (waits milliseconds for the device thread). Idempotent. */
+  close(): void;
+}
+
 export interface Addon {
   probe(): { backend: string | null; apiVersion: number; error: string | null };
   Machine: new (config: NativeMachineConfig) => NativeMachineHandle;
+  DeviceServer: new (config: DeviceServerConfig) => DeviceServerHandle;
 }
 
 export class AddonError extends Error {}

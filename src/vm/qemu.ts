@@ -1,10 +1,13 @@
 // The QEMU engine: qemu-system-x86_64 -M microvm runs the guest (KVM where hardware virtualization
 // is real, TCG otherwise); skiff reads the guest's exit status from a virtio serial port and
-// QEMU's isa-debug-exit device.
+// QEMU's isa-debug-exit device. The guest's disks, rng and vsock are skiff's own device models,
+// served from this process over vhost-user (hypervisor/transport/): QEMU shares guest memory with
+// us as a memfd and connects to one Unix socket per device in the VM's private directory.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { makeVmDir } from '../store/store.js';
+import { loadAddon, type DeviceServerHandle } from './addon.js';
 import { ConsoleTap, findPanic, type ReadyMarker } from './console.js';
 import { EXIT_PORT, type VmConfig } from './config.js';
 import type { Accel } from './host.js';
@@ -31,7 +34,19 @@ function optionValue(value: string): string {
   return value.replaceAll(',', ',,');
 }
 
-export function qemuArgs(config: VmConfig, statusFile: string, options: QemuOptions): string[] {
+/** skiff's vhost-user sockets, as DeviceServer reports them. */
+export interface DeviceSockets {
+  sockets: readonly { kind: string; path: string }[];
+}
+
+/** QEMU's vhost-user device for each kind skiff serves (all on microvm's virtio-mmio bus). */
+const VHOST_USER_DEVICE: Record<string, string> = {
+  blk: 'vhost-user-blk,num-queues=1',
+  rng: 'vhost-user-rng',
+  vsock: 'vhost-user-vsock-device',
+};
+
+export function qemuArgs(config: VmConfig, statusFile: string, options: QemuOptions, devices?: DeviceSockets): string[] {
   const accel = options.icount ? 'tcg' : options.accel;
   const args = [
     '-nodefaults',
@@ -39,11 +54,14 @@ export function qemuArgs(config: VmConfig, statusFile: string, options: QemuOpti
     '-nographic',
     // Under TCG microvm needs the PIT and the RTC: without the RTC the kernel spins about a second.
     // acpi=off: skiff's kernel has no ACPI, and QEMU then puts virtio_mmio.device= on the command line.
-    '-M', 'microvm,pit=on,rtc=on,pic=on,acpi=off,isa-serial=on',
+    // Guest RAM is a memfd QEMU shares with skiff's vhost-user devices (share=on; sealed against
+    // shrinking by default, which the devices require before they map it).
+    '-M', `microvm,pit=on,rtc=on,pic=on,acpi=off,isa-serial=on${devices ? ',memory-backend=mem' : ''}`,
     '-accel', accel,
     '-cpu', accel === 'kvm' ? 'host' : 'max',
     '-smp', String(config.cpus),
     '-m', `${config.memoryMiB}M`,
+    ...(devices ? ['-object', `memory-backend-memfd,id=mem,size=${config.memoryMiB}M,share=on`] : []),
     '-no-reboot',
     '-serial', 'stdio',
     '-kernel', config.kernel.path,
@@ -54,6 +72,12 @@ export function qemuArgs(config: VmConfig, statusFile: string, options: QemuOpti
     '-device', 'virtio-serial-device',
     '-device', 'virtserialport,chardev=skiffstatus,name=skiff.status',
   ];
+  // Disks first: the kernel probes virtio_mmio.device= words in order, so disk i becomes vd(a+i).
+  for (const [i, s] of (devices?.sockets ?? []).entries()) {
+    const device = VHOST_USER_DEVICE[s.kind];
+    if (!device) throw new Error(`unknown vhost-user device kind ${s.kind}`);
+    args.push('-chardev', `socket,id=vu${i},path=${optionValue(s.path)}`, '-device', `${device},chardev=vu${i}`);
+  }
   if (config.initrd) args.push('-initrd', config.initrd);
   if (options.icount) args.push('-icount', 'shift=0,sleep=off');
   return args;
@@ -64,15 +88,36 @@ function debugExitCode(status: number): number {
   return ((status << 1) | 1) & 0xff;
 }
 
-export async function startQemu(config: VmConfig, options: QemuOptions): Promise<Machine> {
-  const vmDir = await makeVmDir();
-  const statusFile = path.join(vmDir, 'status');
-  const binary = options.binary ?? QEMU_BINARY;
-  const child = spawn(binary, qemuArgs(config, statusFile, options), { stdio: ['pipe', 'pipe', 'pipe'] });
-  return new QemuMachine(child, config, vmDir, statusFile, options, binary);
+/**
+ * skiff's devices for this guest: its disks, virtio-rng (so the guest's crng is ready at boot) and
+ * virtio-vsock (guest CID 3; the host side is `<vmDir>/vsock` and `<vmDir>/vsock_<port>`).
+ */
+export function serveDevices(config: VmConfig, vmDir: string): DeviceServerHandle {
+  const addon = loadAddon();
+  return new addon.DeviceServer({
+    socketDir: vmDir,
+    disks: config.disks.map((d) => ({ path: d.path, readOnly: d.readOnly, serial: d.serial })),
+    rng: true,
+    vsock: true,
+  });
 }
 
-class QemuMachine implements Machine {
+export async function startQemu(config: VmConfig, options: QemuOptions): Promise<QemuMachine> {
+  const vmDir = await makeVmDir();
+  let devices: DeviceServerHandle;
+  try {
+    devices = serveDevices(config, vmDir);
+  } catch (err) {
+    await fs.rm(vmDir, { recursive: true, force: true });
+    throw err;
+  }
+  const statusFile = path.join(vmDir, 'status');
+  const binary = options.binary ?? QEMU_BINARY;
+  const child = spawn(binary, qemuArgs(config, statusFile, options, devices), { stdio: ['pipe', 'pipe', 'pipe'] });
+  return new QemuMachine(child, config, vmDir, statusFile, options, binary, devices);
+}
+
+export class QemuMachine implements Machine {
   readonly engine = 'qemu' as const;
   readonly description: string;
   readonly hostPid?: number;
@@ -80,6 +125,8 @@ class QemuMachine implements Machine {
   readonly input;
   readonly ready: Promise<ReadyMarker | undefined>;
   private readonly exit: Promise<MachineExit>;
+  /** The host end of vsock: connect and write "CONNECT <port>\n" to reach guest port <port>. */
+  readonly vsockPath: string;
   private stderrTail = '';
   private timedOut = false;
   private killed = false;
@@ -87,12 +134,15 @@ class QemuMachine implements Machine {
   constructor(
     private readonly child: ChildProcess,
     private readonly config: VmConfig,
-    private readonly vmDir: string,
+    /** The VM's private directory (0700): vhost-user sockets, vsock sockets, the status file. */
+    readonly vmDir: string,
     private readonly statusFile: string,
     options: QemuOptions,
     binary: string,
+    private readonly devices: DeviceServerHandle,
   ) {
     this.hostPid = child.pid;
+    this.vsockPath = devices.vsockPath;
     this.description = `qemu microvm (${options.icount ? 'tcg, icount' : options.accel})`;
     let markReady: (m: ReadyMarker | undefined) => void = () => {};
     this.ready = new Promise((resolve) => (markReady = resolve));
@@ -117,6 +167,8 @@ class QemuMachine implements Machine {
       child.on('close', (code, signal) => resolve({ code, signal }));
     }).then(async (ended) => {
       if (timer) clearTimeout(timer);
+      // QEMU is gone: nothing uses the devices any more (a disk's lock is released here).
+      this.devices.close();
       const result = await this.judge(ended, binary);
       markReady(undefined);
       await fs.rm(this.vmDir, { recursive: true, force: true });
