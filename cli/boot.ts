@@ -36,6 +36,8 @@ export class BootCommand extends SkiffCommand {
   cpus = Option.String('--cpus', { description: 'vCPUs (1-64, default 1)', validator: t.isNumber() });
   memory = Option.String('--memory,-m', { description: 'Memory in MiB (default 256)', validator: t.isNumber() });
   disks = Option.Array('--disk', [], { description: 'Attach a raw disk image as virtio-blk (vda, vdb, ... in order); FILE,ro for read-only. Repeatable' });
+  network = Option.String('--network', { description: 'nat (a NIC behind rootless NAT, with DNS) or none', validator: t.isEnum(['nat', 'none'] as const) });
+  publish = Option.Array('--publish,-p', [], { description: 'Forward host 127.0.0.1:HOSTPORT to the guest: HOSTPORT:GUESTPORT[/udp]. Repeatable' });
   timeout = Option.String('--timeout', { description: 'Stop the guest after this many seconds (exit 124)', validator: t.isNumber() });
   verbose = Option.Boolean('--verbose,-v', false, { description: "Show the kernel's boot messages and skiff's engine choice" });
   quiet = Option.Boolean('--quiet,-q', false, { description: 'No progress output' });
@@ -53,8 +55,9 @@ export class BootCommand extends SkiffCommand {
     const selection = selectEngine(this.engine, host);
     if (selection.reason) await this.noteOnce(host.pvm ? 'pvm' : 'tcg', selection.reason);
 
-    const { parseDiskFlag } = await import('../src/vm/config.js');
+    const { parseDiskFlag, parsePublishFlag } = await import('../src/vm/config.js');
     const disks = this.disks.map(parseDiskFlag);
+    const publish = this.publish.map(parsePublishFlag);
     const { image, command } = await this.imageAndCommand();
     const config = await makeVmConfig({
       kernel: this.kernel ?? image.kernel,
@@ -66,6 +69,8 @@ export class BootCommand extends SkiffCommand {
       timeoutSec: this.timeout,
       verbose: this.verbose,
       disks,
+      network: this.network,
+      publish,
     });
 
     const machine = await startMachine(config, selection);

@@ -36,6 +36,18 @@ export interface VmConfigInput {
   verbose?: boolean;
   /** virtio-blk disks: raw image files, in the order the guest sees them (vda, vdb, ...). */
   disks?: readonly DiskInput[];
+  /** 'nat': a virtio-net NIC behind libslirp (rootless NAT, DNS); 'none': no NIC. */
+  network?: NetworkMode;
+  /** Host loopback ports forwarded into the guest (implies network 'nat'). */
+  publish?: readonly PortForward[];
+}
+
+export type NetworkMode = 'nat' | 'none';
+
+export interface PortForward {
+  readonly hostPort: number;
+  readonly guestPort: number;
+  readonly protocol: 'tcp' | 'udp';
 }
 
 export interface DiskInput {
@@ -60,6 +72,8 @@ export interface VmConfig {
   readonly memoryMiB: number;
   readonly timeoutMs?: number;
   readonly disks: readonly Disk[];
+  readonly network: NetworkMode;
+  readonly publish: readonly PortForward[];
 }
 
 function checkRange(name: string, value: number, range: { min: number; max: number }, integer: boolean): number {
@@ -126,6 +140,28 @@ export function parseDiskFlag(flag: string): DiskInput {
   return { path: parts[0], readOnly: options.includes('ro') };
 }
 
+/** `--publish HOSTPORT:GUESTPORT[/udp]` → a PortForward. */
+export function parsePublishFlag(flag: string): PortForward {
+  const m = /^(\d{1,5}):(\d{1,5})(?:\/(tcp|udp))?$/.exec(flag);
+  const port = (text: string, what: string) => {
+    const n = Number(text);
+    if (n < 1 || n > 65535) throw new VmConfigError(`--publish ${flag}: ${what} port must be 1-65535`);
+    return n;
+  };
+  if (!m) throw new VmConfigError(`--publish ${flag}: expected HOSTPORT:GUESTPORT or HOSTPORT:GUESTPORT/udp`);
+  return { hostPort: port(m[1], 'host'), guestPort: port(m[2], 'guest'), protocol: (m[3] ?? 'tcp') as 'tcp' | 'udp' };
+}
+
+function checkPublish(forwards: readonly PortForward[]): PortForward[] {
+  const seen = new Set<string>();
+  for (const f of forwards) {
+    const key = `${f.hostPort}/${f.protocol}`;
+    if (seen.has(key)) throw new VmConfigError(`--publish: host port ${key} is given twice`);
+    seen.add(key);
+  }
+  return forwards.map((f) => Object.freeze({ ...f }));
+}
+
 async function checkDisks(inputs: readonly DiskInput[]): Promise<Disk[]> {
   if (inputs.length > LIMITS.disks) throw new VmConfigError(`at most ${LIMITS.disks} disks, got ${inputs.length}`);
   const seen = new Set<string>();
@@ -163,6 +199,9 @@ export async function makeVmConfig(input: VmConfigInput): Promise<VmConfig> {
     memoryMiB: checkRange('--memory (MiB)', input.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB, true),
     timeoutMs: input.timeoutSec === undefined ? undefined : checkRange('--timeout (seconds)', input.timeoutSec, LIMITS.timeoutSec, false) * 1000,
     disks: Object.freeze(await checkDisks(input.disks ?? [])),
+    publish: Object.freeze(checkPublish(input.publish ?? [])),
+    network: input.network ?? ((input.publish?.length ?? 0) > 0 ? 'nat' : 'none'),
   };
+  if (config.network === 'none' && config.publish.length > 0) throw new VmConfigError('--publish needs a network: drop --network none');
   return Object.freeze(config);
 }
