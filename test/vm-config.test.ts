@@ -84,3 +84,25 @@ function bzImageHeader(): Buffer {
   b.write('6.1.0-test (builder@host) #1\0', 0x600, 'latin1');
   return b;
 }
+
+test('--disk and --publish flags parse, and bad ones give one-line errors', async (t) => {
+  const { parseDiskFlag, parsePublishFlag, VmConfigError } = await import('../src/vm/config.js');
+  t.deepEqual(parseDiskFlag('a.img'), { path: 'a.img', readOnly: false });
+  t.deepEqual(parseDiskFlag('a.img,ro'), { path: 'a.img', readOnly: true });
+  t.throws(() => parseDiskFlag('a.img,rw'), { instanceOf: VmConfigError, message: '--disk a.img,rw: unknown option "rw" (expected FILE or FILE,ro)' });
+  t.deepEqual(parsePublishFlag('8080:80'), { hostPort: 8080, guestPort: 80, protocol: 'tcp' });
+  t.deepEqual(parsePublishFlag('5353:53/udp'), { hostPort: 5353, guestPort: 53, protocol: 'udp' });
+  t.throws(() => parsePublishFlag('80'), { instanceOf: VmConfigError, message: '--publish 80: expected HOSTPORT:GUESTPORT or HOSTPORT:GUESTPORT/udp' });
+  t.throws(() => parsePublishFlag('0:80'), { instanceOf: VmConfigError, message: '--publish 0:80: host port must be 1-65535' });
+  t.throws(() => parsePublishFlag('80:70000'), { instanceOf: VmConfigError, message: '--publish 80:70000: guest port must be 1-65535' });
+});
+
+test('a published port turns the network on; --network none with --publish is an error', async (t) => {
+  const { makeVmConfig } = await import('../src/vm/config.js');
+  const { cachedKernel } = await import('../src/kernel/build.js');
+  const kernel = (await cachedKernel())!.vmlinux;
+  t.is((await makeVmConfig({ kernel })).network, 'none');
+  t.is((await makeVmConfig({ kernel, publish: [{ hostPort: 8080, guestPort: 80, protocol: 'tcp' }] })).network, 'nat');
+  await t.throwsAsync(makeVmConfig({ kernel, network: 'none', publish: [{ hostPort: 8080, guestPort: 80, protocol: 'tcp' }] }), { message: '--publish needs a network: drop --network none' });
+  await t.throwsAsync(makeVmConfig({ kernel, publish: [{ hostPort: 8080, guestPort: 80, protocol: 'tcp' }, { hostPort: 8080, guestPort: 81, protocol: 'tcp' }] }), { message: '--publish: host port 8080/tcp is given twice' });
+});
