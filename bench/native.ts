@@ -9,10 +9,13 @@
 // 3. a device doorbell round trip (doorbell test device): ring from guest ring 3 → event loop
 //    writes guest memory and raises the interrupt → guest sees both; backend (KVM ioeventfd and
 //    irqfd) against the VMM's own emulation, interleaved;
-// 4. whole processes, interleaved: `skiff boot --engine native`, QEMU microvm with KVM, `node -e 0`.
-// Usage: node dist/bench/native.js [--runs N] [--rounds N] [--process-runs N]
+// 4. whole processes, interleaved: `skiff boot --engine native`, QEMU microvm with KVM, `node -e 0`;
+// 5. what skiff's virtio devices (rng + one 64 MiB disk + vsock) add to a VM's host setup and to
+//    the whole round trip: the same exit=0 guest with and without them, interleaved.
+// Usage: node dist/bench/native.js [--runs N] [--rounds N] [--process-runs N] [--only virtio]
 import { spawn } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { packageRoot } from '../src/paths.js';
@@ -147,12 +150,53 @@ async function doorbells(addon: Addon, kernel: string, rounds: number, rings: nu
   return paths.map(([name], j) => [name, perRing[j]] as const);
 }
 
+/** The exit=0 guest with and without rng + a disk + vsock, interleaved: setup and whole ms. */
+async function virtioCost(addon: Addon, kernel: string, runs: number) {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'skiff-bench-virtio-'));
+  try {
+    const disk = path.join(dir, 'disk.img');
+    writeFileSync(disk, Buffer.alloc(64 * MiB)); // written out: no sparse shortcut
+    const bare = { kernel, cmdline: 'skiff.test=exit=0', cpus: 1, memoryMiB: 32 };
+    const full = { ...bare, rng: true, disks: [{ path: disk, readOnly: false, serial: 'bench' }], vsockDir: dir };
+    await once(addon, full); // warm
+    const setup = [[], []] as number[][];
+    const whole = [[], []] as number[][];
+    for (let i = 0; i < runs; i++) {
+      for (const [j, config] of [bare, full].entries()) {
+        const { result, totalMs } = await once(addon, config);
+        if (j === 1 && !result.events.includes('doorbells backend=5')) throw new Error(`virtio devices not attached: ${result.events}`);
+        setup[j].push(result.setupMs);
+        whole[j].push(totalMs);
+      }
+    }
+    return { setup, whole, added: setup[1].map((x, i) => x - setup[0][i]), addedWhole: whole[1].map((x, i) => x - whole[0][i]) };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function printVirtio(runs: number, v: Awaited<ReturnType<typeof virtioCost>>) {
+  console.log(`\n## virtio devices: rng + one disk (64 MiB) + vsock, ${runs} interleaved pairs (exit=0 guest)\n`);
+  console.log('| what | median ms | min–max ms |');
+  console.log('|---|---:|---:|');
+  console.log(row('setup, no devices', v.setup[0]));
+  console.log(row('setup, rng + blk + vsock', v.setup[1]));
+  console.log(row('setup added (pairwise)', v.added));
+  console.log(row('whole Promise round trip, no devices', v.whole[0]));
+  console.log(row('whole Promise round trip, rng + blk + vsock', v.whole[1]));
+  console.log(row('whole added (pairwise)', v.addedWhole));
+}
+
 async function main() {
-  const { values } = parseArgs({ options: { runs: { type: 'string', default: '20' }, rounds: { type: 'string', default: '5' }, 'process-runs': { type: 'string', default: '15' } } });
+  const { values } = parseArgs({ options: { runs: { type: 'string', default: '20' }, rounds: { type: 'string', default: '5' }, 'process-runs': { type: 'string', default: '15' }, only: { type: 'string' } } });
   const runs = Number(values.runs);
   const rounds = Number(values.rounds);
   const kernel = path.join(packageRoot(), 'test', 'guests', 'out', 'skiff-test-guest.elf');
   const addon = loadAddon();
+  if (values.only === 'virtio') {
+    console.log(`# Native VMM (Node ${process.versions.node}, backend ${addon.probe().backend}; test guest, 32 MiB per VM)`);
+    return printVirtio(runs, await virtioCost(addon, kernel, runs));
+  }
   const exit0 = { kernel, cmdline: 'skiff.test=exit=0', cpus: 1, memoryMiB: 32 };
   await once(addon, exit0); // warm: addon and file cache
   const rss0 = status().rss / MiB;
@@ -189,6 +233,8 @@ async function main() {
   console.log('| path | median µs | min–max µs |');
   console.log('|---|---:|---:|');
   for (const [name, xs] of await doorbells(addon, kernel, rounds, rings)) console.log(row(name, xs, 1));
+
+  printVirtio(runs, await virtioCost(addon, kernel, runs));
 
   await wholeProcesses(kernel, Number(values['process-runs']));
 }
