@@ -1,5 +1,6 @@
 // The virtio device core (hypervisor/devices/virtio/) as plain C++ without a VM: its test program
-// (a Linux-like driver over fake guest memory, blk on real sparse files) built with ASan and UBSan,
+// (a Linux-like driver over fake guest memory, blk on real sparse files, net through a real libslirp
+// to host loopback) built with ASan and UBSan,
 // and a short bounded run of each libFuzzer target (queue walker, blk requests, mmio registers, vsock
 // packets).
 // SKIFF_FUZZ_SECONDS sets the fuzzing time per target (default 10 here; `npm run fuzz` uses 60).
@@ -15,7 +16,7 @@ const execFileP = promisify(execFile);
 const root = packageRoot();
 const virtio = path.join(root, 'hypervisor', 'devices', 'virtio');
 
-test.serial('virtio core: queue, mmio, rng, blk and vsock tests pass under ASan/UBSan', async (t) => {
+test.serial('virtio core: queue, mmio, rng, blk, vsock and net (with libslirp) tests pass under ASan/UBSan', async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-virtio-'));
   try {
     const sources = (await fs.readdir(virtio)).filter((f) => f.endsWith('.cc')).map((f) => path.join(virtio, f));
@@ -23,7 +24,9 @@ test.serial('virtio core: queue, mmio, rng, blk and vsock tests pass under ASan/
     await execFileP(
       'g++',
       ['-std=c++17', '-g', '-O1', '-Wall', '-Wextra', '-Werror', '-fsanitize=address,undefined', '-fno-sanitize-recover=all', '-fno-omit-frame-pointer',
-        `-I${path.join(root, 'hypervisor')}`, ...sources, path.join(virtio, 'test', 'virtio-test.cc'), '-o', bin],
+        // virtio-net's libslirp backend and the event loop it runs on (Debian libslirp-dev).
+        '-DSKIFF_SLIRP', `-I${path.join(root, 'hypervisor')}`, ...sources, path.join(root, 'hypervisor', 'loop', 'epoll.cc'),
+        path.join(virtio, 'test', 'virtio-test.cc'), '-lslirp', '-o', bin],
       { maxBuffer: 1 << 24 },
     );
     // The scratch directory holds the sparse disk images (SEEK_HOLE and st_blocks are checked there).
