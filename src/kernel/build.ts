@@ -10,7 +10,7 @@ import { createInterface } from 'node:readline';
 import { promisify } from 'node:util';
 import { packageRoot } from '../paths.js';
 import { atomicCopy, atomicWrite, cacheDir, exists, sha256, withLock } from '../store/store.js';
-import { KernelConfigError, lostOptions, parseConfig } from './config.js';
+import { canonicalConfig, KernelConfigError, lostOptions, parseConfig } from './config.js';
 import { KERNEL_FLAVORS, type KernelFlavor } from './flavors.js';
 
 export { KERNEL_FLAVORS, type KernelFlavor };
@@ -148,7 +148,7 @@ async function compilerVersion(): Promise<string> {
 }
 
 function keyOf(inputs: Inputs): string {
-  return sha256(RECIPE, inputs.fragmentText, inputs.sourceVersion, inputs.compiler).slice(0, 16);
+  return sha256(RECIPE, canonicalConfig(inputs.fragmentText), inputs.sourceVersion, inputs.compiler).slice(0, 16);
 }
 
 function kernelDir(key: string): string {
@@ -284,7 +284,7 @@ async function readFlavor(name: KernelFlavor): Promise<Flavor> {
 }
 
 function flavorKeyOf(baseKey: string, flavor: Flavor): string {
-  return sha256(FLAVOR_RECIPE, baseKey, flavor.name, flavor.configText, ...flavor.patches.flatMap((p) => [p.name, p.text])).slice(0, 16);
+  return sha256(FLAVOR_RECIPE, baseKey, flavor.name, canonicalConfig(flavor.configText), ...flavor.patches.flatMap((p) => [p.name, p.text])).slice(0, 16);
 }
 
 /** The files a unified diff changes (its "+++ b/..." lines), relative to the tree. */

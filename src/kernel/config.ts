@@ -34,6 +34,14 @@ export function parseConfig(text: string, file = 'config'): ConfigOption[] {
   return options;
 }
 
+/** The options a fragment asks for, one per line, without comments: what a cache key is made of, so
+ *  editing a comment does not rebuild the kernel. */
+export function canonicalConfig(text: string, file = 'config'): string {
+  return parseConfig(text, file)
+    .map((o) => `${o.name}=${o.value}`)
+    .join('\n');
+}
+
 /** What the fragment requested that the final .config does not have, as "NAME=wanted (got X)". */
 export function lostOptions(requested: ConfigOption[], finalConfig: ConfigOption[]): string[] {
   const final = new Map(finalConfig.map((o) => [o.name, o.value]));

@@ -101,8 +101,6 @@ export function buildCmdline(input: Pick<VmConfigInput, 'cmdline' | 'command' | 
     // The IO-APIC timer check is a timed wait that TCG's scheduling can fail (printing
     // "MP-BIOS bug" with 2+ vCPUs); the timer is wired the same on every skiff machine.
     'no_timer_check',
-    // skiff's machines describe themselves with an MP table, never ACPI: don't search for tables.
-    'acpi=off',
     `skiff.exit_port=0x${EXIT_PORT.toString(16)}`,
   ];
   // The console carries the command's output: only critical kernel messages (a panic) belong there.
