@@ -50,3 +50,11 @@ test('the committed x86_64 fragment parses and asks for what later work needs', 
     t.true(names.has(needed), `${needed} is requested`);
   }
 });
+
+test('the cache key text ignores comments and blank lines, not values', async (t) => {
+  const { canonicalConfig } = await import('../src/kernel/config.js');
+  const a = canonicalConfig('# why\nCONFIG_A=y\n\n# CONFIG_B is not set\n');
+  t.is(a, 'CONFIG_A=y\nCONFIG_B=n');
+  t.is(canonicalConfig('## other words\nCONFIG_A=y\n# CONFIG_B is not set'), a);
+  t.not(canonicalConfig('CONFIG_A=m\n# CONFIG_B is not set\n'), a);
+});
