@@ -753,6 +753,8 @@ void virtio_vsock_ring3(void)
     vl_dec(closed);
     vl_str(" irqs=");
     vl_dec(d->irqs);
+    vl_str(" interrupt-status=");
+    vl_dec(rd(d, R_INTERRUPT_STATUS));
     vl_str("\n");
     check(echoed > 0 && closed, "echo to the host, then its close");
 }
