@@ -2,7 +2,7 @@
 // (a Linux-like driver over fake guest memory, blk on real sparse files, net through a real libslirp
 // to host loopback) built with ASan and UBSan,
 // and a short bounded run of each libFuzzer target (queue walker, blk requests, mmio registers, vsock
-// packets).
+// packets, net frames).
 // SKIFF_FUZZ_SECONDS sets the fuzzing time per target (default 10 here; `npm run fuzz` uses 60).
 import test from 'ava';
 import { execFile } from 'node:child_process';
@@ -51,5 +51,5 @@ test.serial('virtio fuzz targets: a bounded run of each finds nothing', async (t
   );
   t.log(r.out.split('\n').filter((l) => /exec|Done/.test(l)).join('\n'));
   t.is(r.code, 0, r.out);
-  for (const target of ['queue', 'blk', 'mmio', 'vsock']) t.regex(r.out, new RegExp(`fuzz: ${target}: Done \\d+ runs`), r.out);
+  for (const target of ['queue', 'blk', 'mmio', 'vsock', 'net']) t.regex(r.out, new RegExp(`fuzz: ${target}: Done \\d+ runs`), r.out);
 });

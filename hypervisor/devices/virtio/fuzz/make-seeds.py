@@ -94,3 +94,23 @@ rx = bytes([1, 7]) + struct.pack('<H', 4096)
 steps = rx + packet(1, 40, 1) + bytes([5]) + packet(5, 40, 1, b'hello') + bytes([2, 0, 3, 4, 5])
 steps += bytes([3, 52, 5]) + rx + packet(6, 40, 1, fwd_cnt=5) + packet(4, 40, 1, flags=3) + bytes([4, 5])
 write('vsock', 'connect-data-close', steps)
+
+# net.cc: a features byte (bit 0 MRG_RXBUF, bit 1 EVENT_IDX, bit 2 INDIRECT_DESC), then steps: a
+# selector byte (0 tx chain, 1 rx buffers, 2 backend frame, 3 rx processing, 4 driver takes used
+# buffers, 5 raw descriptor, 6 reset and bring up) and its fields.
+def net_tx(length, fill, split=False, indirect=False):
+    return bytes([0, 1, 1, (1 if split else 0) | (2 if indirect else 0)]) + struct.pack('<H', length) + bytes([fill])
+
+
+def net_rx(count, length, shape=0):
+    return bytes([1, count - 1, shape]) + struct.pack('<H', length)
+
+
+def net_frame(length, fill):
+    return bytes([2, fill]) + struct.pack('<H', length)
+
+
+steps = bytes([3]) + net_rx(4, 1536) + net_tx(60, 0x10) + net_tx(1514, 0x11, split=True) + net_frame(1514, 2) + bytes([3, 4])
+steps += net_frame(4000, 4) + net_rx(4, 1536) + bytes([4]) + net_tx(42, 0x12, indirect=True) + bytes([4, 6, 2])
+steps += net_rx(2, 1526) + net_frame(1514, 6) + net_frame(60, 8) + bytes([3, 4])
+write('net', 'linux-mergeable-then-whole', steps)

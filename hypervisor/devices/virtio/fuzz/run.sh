@@ -4,7 +4,7 @@
 # (fuzz/seeds/, made by make-seeds.py) and the corpus it grew in earlier runs on this machine.
 # Work files live in SKIFF_FUZZ_DIR (default ~/.cache/skiff-dev/virtio-fuzz), outside build/, which
 # the addon build may wipe; binaries are keyed by a hash of the sources, so two checkouts never
-# share a stale build. Usage: npm run fuzz [-- target...]   (targets: queue blk mmio vsock)
+# share a stale build. Usage: npm run fuzz [-- target...]   (targets: queue blk mmio vsock net)
 # Exits non-zero when a target finds a crash, a leak, undefined behaviour or a hang.
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
@@ -12,7 +12,7 @@ seconds="${SKIFF_FUZZ_SECONDS:-60}"
 out="${SKIFF_FUZZ_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/skiff-dev/virtio-fuzz}"
 src="hypervisor/devices/virtio"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(queue blk mmio vsock)
+[ ${#targets[@]} -gt 0 ] || targets=(queue blk mmio vsock net)
 command -v clang++ >/dev/null || { echo "fuzz: clang++ not found (scripts/setup.sh installs clang and libclang-rt-14-dev)" >&2; exit 1; }
 key="$(cat "$src"/*.h "$src"/*.cc "$src"/test/*.h "$src"/fuzz/*.cc | sha256sum | cut -c1-16)"
 bin="$out/bin-$key"
