@@ -1,0 +1,335 @@
+// skiff's devices served over vhost-user (hypervisor/transport/): the transport's C++ tests and its
+// fuzz target under ASan/UBSan, then real Linux guests on the QEMU engine (TCG here) using skiff's
+// virtio-blk, virtio-rng and virtio-vsock: bytes both ways through two disks (one read-only),
+// data that survives FLUSH and a SIGKILL of skiff, /dev/hwrng, vsock echo in both directions, and
+// the device server itself built with ASan serving a guest. Three boots in all.
+import test from 'ava';
+import { execFile, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { defaultImage } from '../src/image/default.js';
+import { CpioWriter } from '../src/initrd/cpio.js';
+import { cachedKernel } from '../src/kernel/build.js';
+import { packageRoot } from '../src/paths.js';
+import { makeVmConfig } from '../src/vm/config.js';
+import { qemuArgs, startQemu } from '../src/vm/qemu.js';
+import { skiff } from './helpers.js';
+
+const execFileP = promisify(execFile);
+const root = packageRoot();
+const hv = path.join(root, 'hypervisor');
+const SANITIZE = ['-std=c++17', '-g', '-O1', '-Wall', '-Wextra', '-Werror', '-fsanitize=address,undefined', '-fno-sanitize-recover=all', '-fno-omit-frame-pointer', `-I${hv}`];
+
+let scratch = '';
+test.before(async () => {
+  scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-vhost-user-'));
+});
+test.after.always(async () => {
+  if (scratch) await fs.rm(scratch, { recursive: true, force: true });
+});
+
+/** The guest tests need the default kernel; npm test builds it first, so a missing one is a failure. */
+async function requireKernel(): Promise<void> {
+  if (!(await cachedKernel())) throw new Error('the default kernel is not built: run "node dist/bundle/skiff.js kernel build"');
+}
+
+async function coreSources(): Promise<string[]> {
+  const virtio = path.join(hv, 'devices', 'virtio');
+  return [...(await fs.readdir(virtio)).filter((f) => f.endsWith('.cc')).map((f) => path.join(virtio, f)), path.join(hv, 'loop', 'epoll.cc')];
+}
+
+test.serial('transport: the fake front-end tests pass under ASan/UBSan', async (t) => {
+  const bin = path.join(scratch, 'vhost-user-test');
+  await execFileP('g++', [...SANITIZE, ...(await coreSources()), path.join(hv, 'transport', 'vhost_user.cc'), path.join(hv, 'transport', 'test', 'vhost-user-test.cc'), '-o', bin, '-lpthread'], {
+    maxBuffer: 1 << 24,
+  });
+  const { stdout, stderr } = await execFileP(bin, [scratch], { maxBuffer: 1 << 24 }).catch((e) => e);
+  t.notRegex(stderr, /AddressSanitizer|runtime error|LeakSanitizer/, stderr);
+  t.regex(stdout, /^\d+ passed, 0 failed$/m, stdout + stderr);
+  t.log(stdout.trim());
+});
+
+test.serial('transport: a bounded fuzz run of the message parser finds nothing', async (t) => {
+  const seconds = process.env.SKIFF_FUZZ_SECONDS ?? '10';
+  const r = await execFileP('bash', [path.join(hv, 'transport', 'fuzz', 'run.sh')], { cwd: root, env: { ...process.env, SKIFF_FUZZ_SECONDS: seconds }, maxBuffer: 1 << 24 }).then(
+    (ok) => ({ code: 0, out: ok.stdout + ok.stderr }),
+    (e) => ({ code: e.code as number, out: String(e.stdout) + String(e.stderr) }),
+  );
+  t.is(r.code, 0, r.out);
+  t.regex(r.out, /fuzz: vhost-user: Done \d+ runs/, r.out);
+  t.log(r.out.split('\n').filter((l) => /Done|exec_per_sec/.test(l)).join('\n'));
+});
+
+// ---- real guests ----
+
+const PATTERN_BYTES = 64 * 1024;
+const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+/** A recognisable, position-dependent pattern: "<tag> <line number>\n" lines cut to `bytes`. */
+function pattern(tag: string, bytes: number): Buffer {
+  let s = '';
+  for (let i = 0; s.length < bytes; i++) s += `${tag} ${i}\n`;
+  return Buffer.from(s.slice(0, bytes));
+}
+/** The same pattern, made by the guest's busybox shell. */
+function guestPattern(tag: string, bytes: number): string {
+  return `i=0; while [ $i -lt ${Math.ceil(bytes / 8)} ]; do echo "${tag} $i"; i=$((i+1)); done | head -c ${bytes}`;
+}
+
+async function disk(name: string, mib: number, at?: { offset: number; data: Buffer }): Promise<string> {
+  const file = path.join(scratch, name);
+  const fh = await fs.open(file, 'w');
+  await fh.truncate(mib << 20);
+  if (at) await fh.write(at.data, 0, at.data.length, at.offset);
+  await fh.close();
+  return file;
+}
+
+async function readAt(file: string, offset: number, length: number): Promise<Buffer> {
+  const fh = await fs.open(file, 'r');
+  const buf = Buffer.alloc(length);
+  await fh.read(buf, 0, length, offset);
+  await fh.close();
+  return buf;
+}
+
+/** The guest half of the vsock tests, static so it runs from the initrd. */
+const VSOCK_TOOL = String.raw`
+#include <linux/vm_sockets.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+static void die(const char *what) { perror(what); exit(1); }
+static void writeAll(int fd, const char *p, size_t n) {
+  while (n > 0) { ssize_t w = write(fd, p, n); if (w <= 0) die("write"); p += w; n -= (size_t)w; }
+}
+/* listen PORT: echo one connection.  connect CID PORT MSG: send MSG, print what comes back until EOF. */
+int main(int argc, char **argv) {
+  static char buf[65536];
+  struct sockaddr_vm a = {.svm_family = AF_VSOCK};
+  if (argc < 3) return 2;
+  int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+  if (s < 0) die("socket");
+  if (!strcmp(argv[1], "listen")) {
+    a.svm_cid = VMADDR_CID_ANY;
+    a.svm_port = (unsigned)atoi(argv[2]);
+    if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1)) die("listen");
+    int c = accept(s, NULL, NULL);
+    if (c < 0) die("accept");
+    ssize_t n;
+    while ((n = read(c, buf, sizeof buf)) > 0) writeAll(c, buf, (size_t)n);
+    return 0;
+  }
+  a.svm_cid = (unsigned)atoi(argv[2]);
+  a.svm_port = (unsigned)atoi(argv[3]);
+  for (int i = 0; connect(s, (struct sockaddr *)&a, sizeof a) != 0; i++) {
+    if (i == 100) die("connect");
+    close(s);
+    usleep(100000);
+    s = socket(AF_VSOCK, SOCK_STREAM, 0);
+  }
+  writeAll(s, argv[4], strlen(argv[4]));
+  shutdown(s, SHUT_WR);
+  ssize_t n;
+  printf("reply: ");
+  while ((n = read(s, buf, sizeof buf)) > 0) fwrite(buf, 1, (size_t)n, stdout);
+  printf("\n");
+  return 0;
+}
+`;
+
+/** The default image's initrd with /bin/vsock-tool appended (the kernel unpacks concatenated archives). */
+async function initrdWithVsockTool(baseInitrd: string): Promise<string> {
+  const src = path.join(scratch, 'vsock-tool.c');
+  const bin = path.join(scratch, 'vsock-tool');
+  await fs.writeFile(src, VSOCK_TOOL);
+  await execFileP('gcc', ['-static', '-O2', '-Wall', '-Werror', src, '-o', bin]);
+  const cpio = new CpioWriter();
+  cpio.file('bin/vsock-tool', await fs.readFile(bin), { mode: 0o755 });
+  const extra = path.join(scratch, 'extra.cpio');
+  await cpio.writeTo(extra);
+  const out = path.join(scratch, 'initrd-vsock.cpio');
+  await fs.writeFile(out, Buffer.concat([await fs.readFile(baseInitrd), await fs.readFile(extra)]));
+  return out;
+}
+
+/** Host side of "host → guest": CONNECT until the guest's listener is up, then one echo round. */
+async function hostEcho(vsockPath: string, port: number, message: string): Promise<string> {
+  for (let attempt = 0; attempt < 300; attempt++) {
+    const got = await new Promise<string | undefined>((resolve) => {
+      const sock = net.connect(vsockPath);
+      let data = '';
+      let sent = false;
+      sock.setEncoding('utf8');
+      sock.on('connect', () => sock.write(`CONNECT ${port}\n`));
+      sock.on('data', (d: string) => {
+        data += d;
+        if (!sent && data.startsWith(`OK ${port}\n`)) {
+          sent = true;
+          data = data.slice(`OK ${port}\n`.length);
+          sock.write(message);
+        }
+        if (sent && data.length >= message.length) {
+          sock.destroy();
+          resolve(data);
+        }
+      });
+      sock.on('error', () => resolve(undefined));
+      sock.on('close', () => resolve(undefined));
+    });
+    if (got !== undefined) return got;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error('the guest never accepted a vsock connection');
+}
+
+test.serial('a real guest: two disks (one ro), patterns both ways, serials, /dev/hwrng, vsock echo both ways', async (t) => {
+  await requireKernel();
+  const image = await defaultImage();
+  const fromHost = pattern('host-to-guest', PATTERN_BYTES);
+  const rw = await disk('rw.img', 8, { offset: 1 << 20, data: fromHost });
+  const roData = pattern('read-only-disk', 4096);
+  const ro = await disk('ro.img', 4, { offset: 0, data: roData });
+  const initrd = await initrdWithVsockTool(image.initrd!);
+  const script = [
+    // host → guest through vda
+    `dd if=/dev/vda bs=65536 skip=16 count=1 2>/dev/null | sha256sum | sed 's/^/vda-read /'`,
+    // guest → host through vda, then FLUSH
+    `${guestPattern('guest-to-host', PATTERN_BYTES)} | dd of=/dev/vda bs=65536 seek=32 conv=fsync 2>/dev/null && echo vda-written`,
+    `echo "serials $(cat /sys/block/vda/serial) $(cat /sys/block/vdb/serial)"`,
+    `echo "ro $(cat /sys/block/vda/ro) $(cat /sys/block/vdb/ro)"`,
+    `head -c 4096 /dev/vdb | sha256sum | sed 's/^/vdb-read /'`,
+    `if echo x | dd of=/dev/vdb conv=fsync 2>/dev/null; then echo vdb-write-accepted; else echo vdb-write-refused; fi`,
+    `echo "rng $(cat /sys/devices/virtual/misc/hw_random/rng_current)"`,
+    `head -c 64 /dev/hwrng | od -An -tx1 | tr -d ' \\n' | sed 's/^/hwrng /'; echo`,
+    `dmesg | grep -q "crng init done" && echo crng-ready`,
+    // vsock: guest listener for the host, and guest → host listener at vsock_6000
+    `vsock-tool listen 5000 & vsock-tool connect 2 6000 hello-from-guest; wait`,
+  ].join('; ');
+  const config = await makeVmConfig({ kernel: image.kernel, initrd, cmdline: image.cmdline, timeoutSec: 120, disks: [{ path: rw }, { path: ro, readOnly: true }], command: ['sh', '-c', script] });
+  const machine = await startQemu(config, { accel: 'tcg' });
+  // guest → host: a listener that answers in upper case.
+  const got: string[] = [];
+  const listener = net.createServer((c) => {
+    let data = '';
+    c.setEncoding('utf8');
+    c.on('data', (d: string) => (data += d));
+    c.on('end', () => {
+      got.push(data);
+      c.end(data.toUpperCase());
+    });
+  });
+  await new Promise<void>((resolve) => listener.listen(path.join(machine.vmDir, 'vsock_6000'), resolve));
+  // skiff's sockets: 0600 in a 0700 directory.
+  const modes: Record<string, number> = {};
+  for (const name of ['.', 'vsock', 'vsock.sock', 'rng.sock', 'blk0.sock', 'blk1.sock']) modes[name] = (await fs.stat(path.join(machine.vmDir, name))).mode & 0o777;
+  let out = '';
+  machine.output.on('data', (d: Buffer) => (out += d.toString()));
+  const echoed = await hostEcho(machine.vsockPath, 5000, 'ping-from-host');
+  const exit = await machine.wait();
+  listener.close();
+  t.deepEqual(exit, { kind: 'exited', status: 0 }, out);
+  t.regex(out, new RegExp(`vda-read ${sha256(fromHost)}`), out);
+  t.regex(out, /vda-written/, out);
+  t.deepEqual(await readAt(rw, 2 << 20, PATTERN_BYTES), pattern('guest-to-host', PATTERN_BYTES));
+  t.regex(out, /serials skiff-disk-0 skiff-disk-1/, out);
+  t.regex(out, /ro 0 1/, out);
+  t.regex(out, new RegExp(`vdb-read ${sha256(roData)}`), out);
+  t.regex(out, /vdb-write-refused/, out);
+  t.deepEqual(await readAt(ro, 0, 4096), roData, 'the read-only disk is unchanged');
+  t.regex(out, /rng virtio_rng\.\d+/, out);
+  const hw = /hwrng ([0-9a-f]+)/.exec(out)?.[1] ?? '';
+  t.is(hw.length, 128, out);
+  t.not(hw, '0'.repeat(128));
+  t.regex(out, /crng-ready/, out);
+  t.is(echoed, 'ping-from-host', 'host → guest echo');
+  t.deepEqual(got, ['hello-from-guest']);
+  t.regex(out, /reply: HELLO-FROM-GUEST/, out);
+  t.deepEqual(modes, { '.': 0o700, vsock: 0o600, 'vsock.sock': 0o600, 'rng.sock': 0o600, 'blk0.sock': 0o600, 'blk1.sock': 0o600 });
+  // The VM directory (sockets, 0700) is gone after the end.
+  await t.throwsAsync(fs.stat(machine.vmDir));
+});
+
+test.serial('data written and flushed by the guest survives a SIGKILL of skiff', async (t) => {
+  await requireKernel();
+  const file = await disk('kill.img', 8);
+  const tag = `survivor-${process.pid}`;
+  const child = spawn(process.execPath, [path.join(root, 'dist', 'bundle', 'skiff.js'), 'boot', '--engine', 'qemu', '--disk', file, '--timeout', '120', '--', 'sh', '-c',
+    `${guestPattern(tag, PATTERN_BYTES)} | dd of=/dev/vda bs=65536 seek=8 2>/dev/null && sync && echo SYNCED && sleep 100`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const synced = new Promise<void>((resolve, reject) => {
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      if (out.includes('SYNCED')) resolve();
+    });
+    child.on('close', () => reject(new Error(`skiff ended before the guest synced: ${out}`)));
+  });
+  await synced;
+  // QEMU is skiff's child; it outlives a SIGKILLed parent, so it is found first and killed after.
+  const { stdout: qemuPids } = await execFileP('pgrep', ['-P', String(child.pid), 'qemu-system']).catch(() => ({ stdout: '' }));
+  child.kill('SIGKILL');
+  await new Promise((r) => child.once('close', r));
+  for (const pid of qemuPids.split('\n').filter(Boolean)) process.kill(Number(pid), 'SIGKILL');
+  t.true(qemuPids.trim().length > 0, 'found the QEMU child');
+  t.deepEqual(await readAt(file, 8 * 65536, PATTERN_BYTES), pattern(tag, PATTERN_BYTES));
+});
+
+test.serial('the device server built with ASan/UBSan serves a guest cleanly (blk, rng, vsock)', async (t) => {
+  const bin = path.join(scratch, 'vhost-user-serve');
+  await execFileP('g++', [...SANITIZE, ...(await coreSources()), path.join(hv, 'transport', 'vhost_user.cc'), path.join(hv, 'transport', 'device_server.cc'), path.join(hv, 'tools', 'vhost-user-serve.cc'), '-o', bin, '-lpthread'], {
+    maxBuffer: 1 << 24,
+  });
+  await requireKernel();
+  const image = await defaultImage();
+  const file = await disk('asan.img', 8, { offset: 0, data: pattern('asan', 4096) });
+  const dir = await fs.mkdtemp(path.join(scratch, 'vm-'));
+  await fs.chmod(dir, 0o700);
+  const server = spawn(bin, [dir, '--disk', file, '--rng', '--vsock'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let serverOut = '';
+  let serverErr = '';
+  server.stderr.on('data', (d: Buffer) => (serverErr += d.toString()));
+  await new Promise<void>((resolve, reject) => {
+    server.stdout.on('data', (d: Buffer) => {
+      serverOut += d.toString();
+      if (serverOut.includes('ready\n')) resolve();
+    });
+    server.on('close', () => reject(new Error(`vhost-user-serve ended: ${serverErr}`)));
+  });
+  const sockets = [...serverOut.matchAll(/^(blk|rng|vsock) (\S+)$/gm)].map((m) => ({ kind: m[1], path: m[2] }));
+  t.deepEqual(sockets.map((s) => s.kind), ['blk', 'rng', 'vsock']);
+  const script = `head -c 4096 /dev/vda | sha256sum; ${guestPattern('asan-guest', PATTERN_BYTES)} | dd of=/dev/vda bs=65536 seek=4 conv=fsync 2>/dev/null; head -c 4096 /dev/hwrng | wc -c`;
+  const config = await makeVmConfig({ kernel: image.kernel, initrd: image.initrd, cmdline: image.cmdline, timeoutSec: 120, command: ['sh', '-c', script] });
+  const qemu = spawn('qemu-system-x86_64', qemuArgs(config, path.join(dir, 'status'), { accel: 'tcg' }, { sockets }), { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  qemu.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  qemu.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  await new Promise((r) => qemu.once('close', r));
+  server.kill('SIGTERM');
+  const code = await new Promise((r) => server.once('close', r));
+  t.is(code, 0, serverErr);
+  t.notRegex(serverErr, /AddressSanitizer|runtime error|LeakSanitizer/, serverErr);
+  t.regex(out, new RegExp(sha256(pattern('asan', 4096))), out);
+  t.regex(out, /^4096\r?$/m, out);
+  t.deepEqual(await readAt(file, 4 * 65536, PATTERN_BYTES), pattern('asan-guest', PATTERN_BYTES));
+  t.regex(serverOut, /cpu \d+\.\d+ s/);
+});
+
+test.serial('bad --disk on the qemu engine: one-line errors, nothing left behind', async (t) => {
+  const held = await disk('held.img', 1);
+  // A disk another skiff holds (the device server locks it): refused before QEMU starts.
+  const dir = await fs.mkdtemp(path.join(scratch, 'lock-'));
+  const bin = path.join(scratch, 'vhost-user-serve');
+  const holder = spawn(bin, [dir, '--disk', held], { stdio: ['ignore', 'pipe', 'pipe'] });
+  await new Promise<void>((resolve) => holder.stdout.on('data', (d: Buffer) => d.toString().includes('ready') && resolve()));
+  const r = await skiff(['boot', '--engine', 'qemu', '--disk', held, '--', 'true']);
+  holder.kill('SIGTERM');
+  await new Promise((res) => holder.once('close', res));
+  t.is(r.code, 125, r.stderr);
+  t.regex(r.stderr.trim(), /^skiff: .*held\.img.*in use/);
+  t.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+});
