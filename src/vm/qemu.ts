@@ -130,6 +130,7 @@ export class QemuMachine implements Machine {
   private stderrTail = '';
   private timedOut = false;
   private killed = false;
+  private deviceCpuAtClose?: number;
 
   constructor(
     private readonly child: ChildProcess,
@@ -168,6 +169,7 @@ export class QemuMachine implements Machine {
     }).then(async (ended) => {
       if (timer) clearTimeout(timer);
       // QEMU is gone: nothing uses the devices any more (a disk's lock is released here).
+      this.deviceCpuAtClose = this.devices.cpuSeconds();
       this.devices.close();
       const result = await this.judge(ended, binary);
       markReady(undefined);
@@ -200,6 +202,11 @@ export class QemuMachine implements Machine {
 
   wait(): Promise<MachineExit> {
     return this.exit;
+  }
+
+  /** CPU seconds skiff's device thread has used for this guest (benchmarks); final once it ended. */
+  deviceCpuSeconds(): number {
+    return this.deviceCpuAtClose ?? this.devices.cpuSeconds();
   }
 
   kill(): void {
