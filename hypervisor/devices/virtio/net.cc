@@ -71,6 +71,20 @@ size_t Net::pendingFrames() const {
   return inbox_.size();
 }
 
+void Net::setWake(Wake wake) {
+  std::lock_guard<std::mutex> lock(inboxMu_);
+  wake_ = std::move(wake);
+}
+
+void Net::callWake() {
+  Wake wake;
+  {
+    std::lock_guard<std::mutex> lock(inboxMu_);
+    wake = wake_;
+  }
+  if (wake) wake();
+}
+
 bool Net::receive(const uint8_t* frame, size_t len) {
   if (len < kMinFrame || len > kMaxFrame) {
     ++rxDropped_;
@@ -91,7 +105,7 @@ bool Net::receive(const uint8_t* frame, size_t len) {
       wakeRequested_ = wake = true;
     }
   }
-  if (wake && wake_) wake_();
+  if (wake) callWake();
   return true;
 }
 
@@ -124,7 +138,7 @@ bool Net::process(uint16_t queue) {
     again = arrived_ && !inbox_.empty() && !wakeRequested_ && !failed_;
     if (again) wakeRequested_ = true;
   }
-  if (again && wake_) wake_();
+  if (again) callWake();
   return more && !failed_;
 }
 

@@ -125,6 +125,10 @@ class Net final : public Device, public NetReceiver {
   // NetReceiver: a frame from the backend for the guest. Any thread.
   bool receive(const uint8_t* frame, size_t len) override;
 
+  // Replaces the wake callback (the transport often exists only after the device: its wake can be
+  // set once it does). Any thread.
+  void setWake(Wake wake);
+
   Stats stats() const;
   size_t pendingFrames() const;
 
@@ -144,9 +148,10 @@ class Net final : public Device, public NetReceiver {
   // enough yet (or the device failed: failed_).
   bool gather(uint64_t need);
   void failDevice(const std::string& why);
+  void callWake();
 
   NetBackend& backend_;
-  Wake wake_;
+  Wake wake_;  // guarded by inboxMu_; called (a copy) without it
   Config config_{};
   const MemoryMap* memory_ = nullptr;
   std::vector<Queue>* queues_ = nullptr;
