@@ -6,7 +6,8 @@
 //    streams through virtio-vsock both ways; an idle boot's device CPU is subtracted;
 // 3. sequential throughput the guest sees on the disk (busybox dd) against host dd on the same
 //    file (both from the host page cache).
-// Usage: node dist/bench/devices.js [--runs N] [--mib N] [--vsock-mib N]
+// Usage: node dist/bench/devices.js [--runs N] [--mib N] [--vsock-mib N] [--image DIR]
+//   --image: an image directory to boot instead of the default image (e.g. while the kernel rebuilds)
 import { execFile, spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
@@ -14,6 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs, promisify } from 'node:util';
 import { defaultImage } from '../src/image/default.js';
+import { openImage } from '../src/image/open.js';
 import { CpioWriter } from '../src/initrd/cpio.js';
 import { loadAddon } from '../src/vm/addon.js';
 import { makeVmConfig, type VmConfig } from '../src/vm/config.js';
@@ -24,7 +26,7 @@ const execFileP = promisify(execFile);
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }, mib: { type: 'string', default: '256' }, 'vsock-mib': { type: 'string', default: '128' } } });
+const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }, mib: { type: 'string', default: '256' }, 'vsock-mib': { type: 'string', default: '128' }, image: { type: 'string' } } });
 const runs = Number(values.runs);
 const mib = Number(values.mib);
 const vsockMiB = Number(values['vsock-mib']);
@@ -108,17 +110,22 @@ async function boot(config: VmConfig, during?: (m: QemuMachine) => Promise<void>
   return { out, deviceCpu: machine.deviceCpuSeconds(), wallMs: performance.now() - start };
 }
 
-/** busybox dd: "... copied, 1.234 seconds, 207.4MB/s" → MB/s as dd says it (10^6 bytes). */
+/** A guest command timed by the guest's own clock (busybox dd prints no rate): "<tag> <start> <end>". */
+function timed(tag: string, command: string): string {
+  return `s=$(cut -d' ' -f1 /proc/uptime); ${command}; echo "${tag} $s $(cut -d' ' -f1 /proc/uptime)"`;
+}
+
+/** MB/s (10^6 bytes, as dd reports) for `mib` MiB over the guest-timed interval. */
 function ddRate(out: string, tag: string): number {
-  const m = new RegExp(`${tag}[\\s\\S]*?copied, ([0-9.]+) seconds`).exec(out);
-  if (!m) throw new Error(`no dd figure for ${tag}:\n${out.slice(-1500)}`);
-  return (mib * MiB) / 1e6 / Number(m[1]);
+  const m = new RegExp(`${tag} ([0-9.]+) ([0-9.]+)`).exec(out);
+  if (!m) throw new Error(`no timing for ${tag}:\n${out.slice(-1500)}`);
+  return (mib * MiB) / 1e6 / (Number(m[2]) - Number(m[1]));
 }
 
 async function main(): Promise<void> {
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-bench-devices-'));
   try {
-    const image = await defaultImage();
+    const image = values.image ? await openImage(values.image) : await defaultImage();
     const initrd = await initrdWithTool(scratch, image.initrd!);
     const disk = path.join(scratch, 'disk.img');
     // Real bytes (not holes) so both sides read data from the host page cache.
@@ -157,8 +164,8 @@ async function main(): Promise<void> {
 
     // 2 + 3. blk and vsock
     const idle = await boot(await cfg('true'));
-    const read = await boot(await cfg(`echo rd; dd if=/dev/vda of=/dev/null bs=1M count=${mib}`));
-    const write = await boot(await cfg(`echo wr; dd if=/dev/zero of=/dev/vda bs=1M count=${mib} conv=fsync`));
+    const read = await boot(await cfg(timed('rd', `dd if=/dev/vda of=/dev/null bs=1M count=${mib}`)));
+    const write = await boot(await cfg(timed('wr', `dd if=/dev/zero of=/dev/vda bs=1M count=${mib} conv=fsync`)));
     const vsockBytes = vsockMiB * MiB;
     let hostGot = 0;
     const g2h = await boot(await cfg(`vsock-bench source 2 7000 ${vsockBytes}`, false), async (m) => {
