@@ -143,14 +143,18 @@ int main(int argc, char **argv) {
 }
 `;
 
-/** The default image's initrd with /bin/vsock-tool appended (the kernel unpacks concatenated archives). */
-async function initrdWithVsockTool(baseInitrd: string): Promise<string> {
+/**
+ * The default image's initrd with /bin/vsock-tool and the guest's test script /bin/check appended
+ * (the kernel unpacks concatenated archives; the script is too long for the kernel command line).
+ */
+async function initrdWithVsockTool(baseInitrd: string, script: string): Promise<string> {
   const src = path.join(scratch, 'vsock-tool.c');
   const bin = path.join(scratch, 'vsock-tool');
   await fs.writeFile(src, VSOCK_TOOL);
   await execFileP('gcc', ['-static', '-O2', '-Wall', '-Werror', src, '-o', bin]);
   const cpio = new CpioWriter();
   cpio.file('bin/vsock-tool', await fs.readFile(bin), { mode: 0o755 });
+  cpio.file('bin/check', `${script}\n`, { mode: 0o755 });
   const extra = path.join(scratch, 'extra.cpio');
   await cpio.writeTo(extra);
   const out = path.join(scratch, 'initrd-vsock.cpio');
@@ -195,7 +199,6 @@ test.serial('a real guest: two disks (one ro), patterns both ways, serials, /dev
   const rw = await disk('rw.img', 8, { offset: 1 << 20, data: fromHost });
   const roData = pattern('read-only-disk', 4096);
   const ro = await disk('ro.img', 4, { offset: 0, data: roData });
-  const initrd = await initrdWithVsockTool(image.initrd!);
   const script = [
     // host → guest through vda
     `dd if=/dev/vda bs=65536 skip=16 count=1 2>/dev/null | sha256sum | sed 's/^/vda-read /'`,
@@ -210,8 +213,9 @@ test.serial('a real guest: two disks (one ro), patterns both ways, serials, /dev
     `dmesg | grep -q "crng init done" && echo crng-ready`,
     // vsock: guest listener for the host, and guest → host listener at vsock_6000
     `vsock-tool listen 5000 & vsock-tool connect 2 6000 hello-from-guest; wait`,
-  ].join('; ');
-  const config = await makeVmConfig({ kernel: image.kernel, initrd, cmdline: image.cmdline, timeoutSec: 120, disks: [{ path: rw }, { path: ro, readOnly: true }], command: ['sh', '-c', script] });
+  ].join('\n');
+  const initrd = await initrdWithVsockTool(image.initrd!, script);
+  const config = await makeVmConfig({ kernel: image.kernel, initrd, cmdline: image.cmdline, timeoutSec: 120, disks: [{ path: rw }, { path: ro, readOnly: true }], command: ['sh', '/bin/check'] });
   const machine = await startQemu(config, { accel: 'tcg' });
   // guest → host: a listener that answers in upper case.
   const got: string[] = [];
