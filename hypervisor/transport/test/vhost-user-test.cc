@@ -28,36 +28,18 @@
 #include "devices/virtio/test/driver.h"
 #include "loop/event_loop.h"
 #include "transport/vhost_user.h"
+#include "devices/virtio/test/harness.h"
 
 using namespace skiff;
 using namespace skiff::vhost_user;
 using skiff::virtio::testing::Driver;
 using skiff::virtio::testing::FakeMemory;
+using skiff::virtio::testing::checksFailed;
+using skiff::virtio::testing::tests;
 
 namespace {
 
-int checksFailed = 0;
 std::string scratchDir = "/tmp";
-
-#define CHECK(cond)                                                                      \
-  do {                                                                                   \
-    if (!(cond)) {                                                                       \
-      std::fprintf(stderr, "  %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);    \
-      ++checksFailed;                                                                    \
-    }                                                                                    \
-  } while (0)
-
-std::vector<std::pair<const char*, std::function<void()>>>& tests() {
-  static std::vector<std::pair<const char*, std::function<void()>>> all;
-  return all;
-}
-struct Register {
-  Register(const char* name, std::function<void()> fn) { tests().emplace_back(name, std::move(fn)); }
-};
-#define TEST(name)                       \
-  void name();                           \
-  Register register_##name(#name, name); \
-  void name()
 
 constexpr uint64_t kGpa = 0x100000;            // guest RAM at 1 MiB
 constexpr uint64_t kSize = 2 << 20;            // 2 MiB

@@ -30,34 +30,14 @@
 #include "devices/virtio/slirp_backend.h"
 #include "devices/virtio/vsock.h"
 #include "devices/virtio/test/driver.h"
+#include "devices/virtio/test/harness.h"
 
 using namespace skiff::virtio;
 using namespace skiff::virtio::testing;
 
 namespace {
 
-int checksFailed = 0;
 std::string scratchDir = "/tmp";
-
-#define CHECK(cond)                                                         \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      std::fprintf(stderr, "  %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++checksFailed;                                                       \
-    }                                                                       \
-  } while (0)
-
-std::vector<std::pair<const char*, std::function<void()>>>& tests() {
-  static std::vector<std::pair<const char*, std::function<void()>>> all;
-  return all;
-}
-struct Register {
-  Register(const char* name, std::function<void()> fn) { tests().emplace_back(name, std::move(fn)); }
-};
-#define TEST(name)                          \
-  void name();                              \
-  Register register_##name(#name, name);    \
-  void name()
 
 constexpr uint64_t kRam = 0x100000;  // fake RAM at 1 MiB, 4 MiB long
 constexpr uint64_t kRamSize = 4 << 20;
