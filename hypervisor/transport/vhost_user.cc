@@ -1,5 +1,7 @@
 #include "transport/vhost_user.h"
 
+#include "common/hex.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -15,11 +17,6 @@ namespace skiff {
 namespace vhost_user {
 namespace {
 
-std::string hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 const char* requestName(uint32_t r) {
   switch (r) {

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <thread>
 
+#include "common/hex.h"
 #include "vmm/boot.h"
 #include "vmm/layout.h"
 #include "vmm/memory.h"
@@ -47,11 +48,6 @@ std::vector<uint8_t> readFile(const std::string& what, const std::string& path) 
 
 bool isElf(const std::vector<uint8_t>& f) { return f.size() >= 4 && std::memcmp(f.data(), "\x7f" "ELF", 4) == 0; }
 
-std::string hex(uint64_t v) {
-  char buf[24];
-  snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 }  // namespace
 

@@ -1,18 +1,11 @@
 #include "vmm/mmio_bus.h"
 
-#include <cstdio>
 #include <string>
 
 #include "backend/backend.h"
+#include "common/hex.h"
 
 namespace skiff {
-namespace {
-std::string hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-}  // namespace
 
 void MmioBus::add(uint64_t base, uint64_t size, std::shared_ptr<MmioDevice> device) {
   if (size == 0 || base + size < base || !device) throw HypervisorError("MMIO range at " + hex(base) + ": empty, wrapping or without a device");
