@@ -62,7 +62,7 @@ export async function inspectImage(image: string): Promise<ImageReport> {
     const { parseUki } = await import('./uki.js');
     const data = await fs.readFile(opened.source);
     const uki = parseUki(data);
-    sha256 = await fileSha256(opened.source);
+    sha256 = opened.sha256!;
     bytes = data.length;
     osrel = uki.osrel;
     sections = uki.sections.map((s: { name: string; virtualSize: number }) => ({ name: s.name, bytes: s.virtualSize }));

@@ -19,6 +19,8 @@ export interface BootableImage {
   cmdline: string;
   /** The kernel version the image says it carries, if it says. */
   version?: string;
+  /** sha256 of a UKI file (what its extracted parts are cached under). */
+  sha256?: string;
 }
 
 const MZ = 0x5a4d;
@@ -67,7 +69,7 @@ async function openUki(file: string): Promise<BootableImage> {
   const infoFile = path.join(dir, 'image.json');
   if (await exists(infoFile)) {
     const info = JSON.parse(await fs.readFile(infoFile, 'utf8')) as Omit<BootableImage, 'source'>;
-    return { ...info, source: file };
+    return { ...info, source: file, sha256: digest };
   }
   const { parseUki } = await import('./uki.js');
   const uki = parseUki(await fs.readFile(file));
@@ -80,7 +82,7 @@ async function openUki(file: string): Promise<BootableImage> {
   }
   const info: Omit<BootableImage, 'source'> = { format: 'uki', kernel, initrd, cmdline: (uki.cmdline ?? '').replace(/\0+$/, '').trim(), version: uki.uname?.trim() };
   await atomicWrite(infoFile, JSON.stringify(info));
-  return { ...info, source: file };
+  return { ...info, source: file, sha256: digest };
 }
 
 /** Reads a boot image: a UKI (.efi) file or an image directory. */
