@@ -26,6 +26,8 @@ export class BootCommand extends SkiffCommand {
       ['A guest command exit status comes back', "$0 boot -- sh -c 'exit 7'; echo $?"],
       ['Two vCPUs and 512 MiB', '$0 boot --cpus 2 --memory 512 -- nproc'],
       ['Your own kernel and initrd', '$0 boot --kernel ./bzImage --initrd ./initrd.cpio --cmdline "loglevel=7"'],
+      ['Fetch a page from a server on the host loopback', '$0 boot --network nat -- wget -qO- http://10.0.2.2:8000/'],
+      ['Serve guest port 80 on host 127.0.0.1:8080', "$0 boot -p 8080:80 -- httpd -f -p 80 -h /etc"],
     ],
   });
 
@@ -36,8 +38,11 @@ export class BootCommand extends SkiffCommand {
   cpus = Option.String('--cpus', { description: 'vCPUs (1-64, default 1)', validator: t.isNumber() });
   memory = Option.String('--memory,-m', { description: 'Memory in MiB (default 256)', validator: t.isNumber() });
   disks = Option.Array('--disk', [], { description: 'Attach a raw disk image as virtio-blk (vda, vdb, ... in order); FILE,ro for read-only. Repeatable' });
-  network = Option.String('--network', { description: 'nat (a NIC behind rootless NAT, with DNS) or none', validator: t.isEnum(['nat', 'none'] as const) });
-  publish = Option.Array('--publish,-p', [], { description: 'Forward host 127.0.0.1:HOSTPORT to the guest: HOSTPORT:GUESTPORT[/udp]. Repeatable' });
+  network = Option.String('--network', {
+    description: 'nat: an eth0 behind rootless NAT (guest 10.0.2.15, host loopback reachable as 10.0.2.2, DNS 10.0.2.3); none: no NIC (default, unless --publish)',
+    validator: t.isEnum(['nat', 'none'] as const),
+  });
+  publish = Option.Array('--publish,-p', [], { description: 'Forward host 127.0.0.1:HOSTPORT to guest port GUESTPORT (tcp, or /udp); implies --network nat. Repeatable' });
   timeout = Option.String('--timeout', { description: 'Stop the guest after this many seconds (exit 124)', validator: t.isNumber() });
   verbose = Option.Boolean('--verbose,-v', false, { description: "Show the kernel's boot messages and skiff's engine choice" });
   quiet = Option.Boolean('--quiet,-q', false, { description: 'No progress output' });

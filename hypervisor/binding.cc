@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "devices/doorbell_test.h"
+#include "devices/virtio/net.h"
 #include "probe.h"
 #include "transport/device_server.h"
 #include "vmm/machine.h"
@@ -41,6 +42,42 @@ const char* kindName(skiff::MachineResult::Kind kind) {
     case skiff::MachineResult::Kind::Error: return "error";
   }
   return "error";
+}
+
+// net: {seed: string, forwards: [{hostPort, guestPort, udp}]} (the caller validated the ports;
+// they are checked again here only as far as the C++ types need). The MAC is Net::stableMac(seed):
+// computed here only, for both engines. False with a JS exception pending when malformed.
+bool ParseNet(Napi::Env env, Napi::Value v, skiff::VirtioNet& net, std::string& seed) {
+  auto fail = [&](const char* what) {
+    Napi::TypeError::New(env, std::string("net: ") + what).ThrowAsJavaScriptException();
+    return false;
+  };
+  if (v.IsUndefined()) return true;
+  if (!v.IsObject() || !v.As<Napi::Object>().Get("seed").IsString()) return fail("must be {seed: string, forwards: [...]}");
+  Napi::Object o = v.As<Napi::Object>();
+  seed = o.Get("seed").As<Napi::String>().Utf8Value();
+  net.enabled = true;
+  net.mac = skiff::virtio::Net::stableMac(seed);
+  Napi::Value list = o.Get("forwards");
+  if (list.IsUndefined()) return true;
+  if (!list.IsArray()) return fail("forwards must be an array");
+  Napi::Array a = list.As<Napi::Array>();
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    Napi::Value f = a.Get(i);
+    if (!f.IsObject()) return fail("forwards[] must be {hostPort, guestPort, udp?}");
+    Napi::Value h = f.As<Napi::Object>().Get("hostPort"), g = f.As<Napi::Object>().Get("guestPort"), u = f.As<Napi::Object>().Get("udp");
+    if (!h.IsNumber() || !g.IsNumber()) return fail("forwards[] must be {hostPort, guestPort, udp?}");
+    double hp = h.As<Napi::Number>().DoubleValue(), gp = g.As<Napi::Number>().DoubleValue();
+    if (!(hp >= 1 && hp <= 65535 && gp >= 1 && gp <= 65535)) return fail("forwards[] ports must be 1-65535");
+    net.forwards.push_back({u.IsBoolean() && u.As<Napi::Boolean>().Value(), static_cast<uint16_t>(hp), static_cast<uint16_t>(gp)});
+  }
+  return true;
+}
+
+std::string MacText(const std::array<uint8_t, 6>& mac) {
+  char text[18];
+  std::snprintf(text, sizeof text, "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
+  return text;
 }
 
 class MachineWrap;
@@ -95,7 +132,7 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
       return v.IsBoolean() && v.As<Napi::Boolean>().Value();
     };
     // virtio devices (vmm/virtio_devices.h): rng: boolean, disks: [{path, readOnly, serial}],
-    // vsockDir: string (the VM's private directory for vsock's Unix sockets).
+    // vsockDir: string (the VM's private directory for vsock's Unix sockets), net (ParseNet).
     skiff::VirtioConfig virtio;
     virtio.rng = flag("rng");
     Napi::Value disks = o.Get("disks");
@@ -117,8 +154,10 @@ class MachineWrap : public Napi::ObjectWrap<MachineWrap> {
       }
     }
     virtio.vsockDir = str("vsockDir", false);
+    std::string seed;
+    if (!ParseNet(env, o.Get("net"), virtio.net, seed)) return;
     if (env.IsExceptionPending()) return;
-    if (virtio.rng || !virtio.disks.empty() || !virtio.vsockDir.empty()) config_.devices.push_back(skiff::attachVirtio(std::move(virtio)));
+    if (virtio.rng || !virtio.disks.empty() || !virtio.vsockDir.empty() || virtio.net.enabled) config_.devices.push_back(skiff::attachVirtio(std::move(virtio)));
     if (flag("doorbellTest")) config_.devices.push_back(skiff::attachDoorbellTest);
     config_.emulateDoorbells = flag("emulateDoorbells");
     config_.emulateInterruptLines = flag("emulateInterruptLines");
@@ -215,9 +254,10 @@ void Deliver(Napi::Env env, Napi::Function onConsole, MachineWrap* self, Message
 
 
 // skiff's devices served over vhost-user to a QEMU guest (transport/device_server.h):
-// new DeviceServer({socketDir, disks: [{path, readOnly, serial}], rng, vsock}) opens the disks and
-// binds the sockets at once (a one-line Error if it cannot), then serves on its own native thread.
-// .sockets: [{kind, path}], .vsockPath, .cpuSeconds(), .close() (waits for the device thread:
+// new DeviceServer({socketDir, disks: [{path, readOnly, serial}], rng, vsock, net}) opens the disks,
+// starts net's NAT (listening on the --publish ports) and binds the sockets at once (a one-line
+// Error if it cannot), then serves on its own native thread.
+// .sockets: [{kind, path}], .vsockPath, .netMac, .cpuSeconds(), .close() (waits for the device thread:
 // milliseconds). Device log lines (a front-end dropped for breaking the protocol, a device
 // failed by its driver) go to stderr, one line each.
 class DeviceServerWrap : public Napi::ObjectWrap<DeviceServerWrap> {
@@ -240,6 +280,12 @@ class DeviceServerWrap : public Napi::ObjectWrap<DeviceServerWrap> {
     }
     config.rng = o.Get("rng").IsBoolean() && o.Get("rng").As<Napi::Boolean>().Value();
     config.vsock = o.Get("vsock").IsBoolean() && o.Get("vsock").As<Napi::Boolean>().Value();
+    skiff::VirtioNet net;
+    std::string seed;
+    if (!ParseNet(env, o.Get("net"), net, seed)) return;
+    config.net = net.enabled;
+    config.netMac = net.mac;
+    for (const auto& f : net.forwards) config.netForwards.push_back({f.udp, f.hostPort, f.guestPort});
     Napi::Value disks = o.Get("disks");
     if (!disks.IsUndefined()) {
       if (!disks.IsArray()) { typeError("disks must be an array"); return; }
@@ -268,6 +314,8 @@ class DeviceServerWrap : public Napi::ObjectWrap<DeviceServerWrap> {
     }
     info.This().As<Napi::Object>().Set("sockets", sockets);
     info.This().As<Napi::Object>().Set("vsockPath", server_->vsockPath());
+    // QEMU's virtio-net-device keeps the config space (and so the MAC) itself: it gets this one.
+    info.This().As<Napi::Object>().Set("netMac", config.net ? Napi::Value(Napi::String::New(env, MacText(config.netMac))) : env.Null());
   }
 
  private:
@@ -284,6 +332,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("probe", Napi::Function::New(env, Probe, "probe"));
   exports.Set("Machine", MachineWrap::Define(env));
   exports.Set("DeviceServer", DeviceServerWrap::Define(env));
+  // null, or why this build cannot give a guest a network (no libslirp), for both engines.
+  exports.Set("netUnavailable", skiff::netAvailable() ? env.Null() : Napi::String::New(env, skiff::kNoNetMessage));
   return exports;
 }
 

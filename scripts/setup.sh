@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 packages=(
   # kernel build
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils lz4 cpio
-  # addon build
-  cmake
-  # guest userland and the QEMU engine
-  busybox-static qemu-system-x86
+  # addon build (libslirp: virtio-net's NAT, --network/--publish)
+  cmake libslirp-dev
+  # guest userland (busybox, crun in images), the QEMU engine, the UKI stub, and OVMF for the
+  # standard-firmware check of UKIs in the tests
+  busybox-static crun qemu-system-x86 systemd-boot-efi ovmf
   # virtio device fuzzing (npm run fuzz): clang with libFuzzer and the sanitizer runtimes
   clang libclang-rt-14-dev
 )

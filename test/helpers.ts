@@ -1,6 +1,11 @@
 // Shared by the tests that run the real CLI and boot real guests.
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import net from 'node:net';
+import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { promisify } from 'node:util';
+import { CpioWriter } from '../src/initrd/cpio.js';
 import { packageRoot } from '../src/paths.js';
 
 export interface RunResult {
@@ -24,4 +29,102 @@ export function skiff(args: string[], options: { input?: string; env?: NodeJS.Pr
     child.on('close', (code) => resolve({ code, stdout, stderr }));
     child.stdin.end(options.input ?? '');
   });
+}
+
+/** FNV-1a (32-bit), the hash the ring-3 test guests (test/guests/) print over what they read. */
+export function fnv1a(bytes: Uint8Array): number {
+  let h = 0x811c9dc5;
+  for (const b of bytes) h = Math.imul(h ^ b, 0x01000193) >>> 0;
+  return h;
+}
+
+/** The lines a ring-3 test guest printed, without their "guest: " prefix. */
+export function guestSaid(stdout: string): string[] {
+  return stdout.split(/\r?\n/).filter((l) => l.startsWith('guest: ')).map((l) => l.slice(7));
+}
+
+/**
+ * `baseInitrd` (the default image's: skiff-init, busybox) with /bin/vsock-tool (test/guests/vsock-tool.c,
+ * the guest half of the vsock tests, built static) and the guest's test script /bin/check appended,
+ * written into `dir`. The kernel unpacks concatenated archives; the script is too long for the
+ * kernel command line.
+ */
+export async function initrdWithVsockTool(dir: string, baseInitrd: string, script: string): Promise<string> {
+  const bin = path.join(dir, 'vsock-tool');
+  await promisify(execFile)('gcc', ['-static', '-O2', '-Wall', '-Werror', path.join(packageRoot(), 'test', 'guests', 'vsock-tool.c'), '-o', bin]);
+  const cpio = new CpioWriter();
+  cpio.file('bin/vsock-tool', await fs.readFile(bin), { mode: 0o755 });
+  cpio.file('bin/check', `${script}\n`, { mode: 0o755 });
+  const extra = path.join(dir, 'extra.cpio');
+  await cpio.writeTo(extra);
+  const out = path.join(dir, 'initrd-vsock.cpio');
+  await fs.writeFile(out, Buffer.concat([await fs.readFile(baseInitrd), await fs.readFile(extra)]));
+  return out;
+}
+
+/**
+ * Host → guest over vsock's hybrid model: connect to the VM's `vsock` socket and send "CONNECT
+ * port" until the guest's listener is up, then one echo round of `message`. Retries every
+ * `retryMs` until `gaveUp()` (the VM ended, say); undefined then.
+ */
+export async function hostEcho(vsockPath: string, port: number, message: string, gaveUp: () => boolean, retryMs = 100): Promise<string | undefined> {
+  while (!gaveUp()) {
+    const got = await new Promise<string | undefined>((resolve) => {
+      const sock = net.connect(vsockPath);
+      let data = '';
+      let sent = false;
+      sock.setEncoding('utf8');
+      sock.on('connect', () => sock.write(`CONNECT ${port}\n`));
+      sock.on('data', (d: string) => {
+        data += d;
+        if (!sent && data.startsWith(`OK ${port}\n`)) {
+          sent = true;
+          data = data.slice(`OK ${port}\n`.length);
+          sock.write(message);
+        }
+        if (sent && data.length >= message.length) {
+          sock.destroy();
+          resolve(data);
+        }
+      });
+      sock.on('error', () => resolve(undefined));
+      sock.on('close', () => resolve(undefined));
+    });
+    if (got !== undefined) return got;
+    await new Promise((r) => setTimeout(r, retryMs));
+  }
+  return undefined;
+}
+
+/**
+ * Guest → host over vsock: a host listener at `socketPath` (`<vm-dir>/vsock_P`) that answers each
+ * stream, once the guest shut down writing, with what it sent in upper case. `got` lists what came.
+ */
+export async function upperCaseListener(socketPath: string): Promise<{ got: string[]; close: () => void }> {
+  const got: string[] = [];
+  const listener = net.createServer((c) => {
+    let data = '';
+    c.setEncoding('utf8');
+    c.on('data', (d: string) => (data += d));
+    c.on('end', () => {
+      got.push(data);
+      c.end(data.toUpperCase());
+    });
+  });
+  await new Promise<void>((resolve) => listener.listen(socketPath, resolve));
+  return { got, close: () => listener.close() };
+}
+
+export const sha256 = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+/** A recognisable, position-dependent disk pattern: "<tag> <line number>\n" lines cut to `bytes`. */
+export function pattern(tag: string, bytes: number): Buffer {
+  let s = '';
+  for (let i = 0; s.length < bytes; i++) s += `${tag} ${i}\n`;
+  return Buffer.from(s.slice(0, bytes));
+}
+
+/** The same pattern, made by a guest's busybox shell (one write per line). */
+export function guestPattern(tag: string, bytes: number): string {
+  return `i=0; while [ $i -lt ${Math.ceil(bytes / 8)} ]; do echo "${tag} $i"; i=$((i+1)); done | head -c ${bytes}`;
 }

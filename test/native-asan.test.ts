@@ -32,8 +32,8 @@ function run(kernel: string, cmdline: string, cpus = 1, flags: string[] = [], in
     const child = spawn(driver, [...flags, kernel, cmdline, String(cpus)], { stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
     if (input !== undefined) child.stdin!.end(input);
     let out = '';
-    child.stdout.on('data', (d) => (out += d));
-    child.stderr.on('data', (d) => (out += d));
+    child.stdout!.on('data', (d) => (out += d));
+    child.stderr!.on('data', (d) => (out += d));
     // A mutated guest may run forever; that is the guest's doing, not a VMM fault.
     const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
     child.on('close', (code) => {

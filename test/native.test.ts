@@ -9,7 +9,7 @@ import path from 'node:path';
 import { packageRoot } from '../src/paths.js';
 import { makeVmConfig } from '../src/vm/config.js';
 import { startNative } from '../src/vm/native.js';
-import { skiff } from './helpers.js';
+import { fnv1a, guestSaid, skiff } from './helpers.js';
 
 const GUEST = path.join(packageRoot(), 'test', 'guests', 'out', 'skiff-test-guest.elf');
 /** The same guest as a bzImage, booted through the Linux 64-bit boot protocol. */
@@ -26,16 +26,6 @@ function guest(testName: string, extra: string[] = [], kernel = GUEST) {
   return skiff(['boot', '--engine', 'native', '--kernel', kernel, '--memory', '64', '--timeout', '60', '--cmdline', `skiff.test=${testName}`, ...extra]);
 }
 
-function fnv1a(bytes: Uint8Array): number {
-  let h = 0x811c9dc5;
-  for (const b of bytes) h = Math.imul(h ^ b, 0x01000193) >>> 0;
-  return h;
-}
-
-/** Lines the guest printed, "guest: " removed. */
-function said(stdout: string): string[] {
-  return stdout.split(/\r?\n/).filter((l) => l.startsWith('guest: ')).map((l) => l.slice(7));
-}
 
 test('facts: PVH entry state, start_info, command line, memory map and the initrd as promised', async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-native-'));
@@ -44,7 +34,7 @@ test('facts: PVH entry state, start_info, command line, memory map and the initr
   await fs.writeFile(initrd, bytes);
   const r = await guest('facts', ['--initrd', initrd]);
   t.is(r.code, 0, r.stdout + r.stderr);
-  const lines = said(r.stdout);
+  const lines = guestSaid(r.stdout);
   // 32-bit protected mode, paging off, flat segments at 0x10/0x18, %ebx -> start_info (layout.h).
   t.regex(lines.find((l) => l.startsWith('entry '))!, /cr0=0x11 cr4=0x0 eflags=0x2 cs=0x10 ds=0x18 es=0x18 ss=0x18 ebx=0x6000$/);
   t.regex(lines.find((l) => l.startsWith('start_info '))!, /^start_info magic=0x336ec578 version=1 flags=0x0 /);
@@ -80,13 +70,13 @@ for (const [build, kernel] of BUILDS) {
   test(`${build}: serial input reaches the guest`, async (t) => {
     const r = await skiff(['boot', '--engine', 'native', '--kernel', kernel, '--memory', '32', '--timeout', '60', '--cmdline', 'skiff.test=echo'], { input: 'hello from the host\n' });
     t.is(r.code, 0, r.stdout + r.stderr);
-    t.true(said(r.stdout).includes('echo hello from the host'));
+    t.true(guestSaid(r.stdout).includes('echo hello from the host'));
   });
 
   test(`${build}: code in guest ring 3 runs, and traps back to ring 0`, async (t) => {
     const r = await guest('ring3', [], kernel);
     t.is(r.code, 0, r.stdout + r.stderr);
-    t.true(said(r.stdout).includes('ring3 sum=50000005000000'));
+    t.true(guestSaid(r.stdout).includes('ring3 sum=50000005000000'));
     t.regex(r.stdout, /guest: ring3 trap vector=6 cs=0x23 ss=0x1b/);
   });
 
@@ -108,7 +98,7 @@ for (const [build, kernel] of BUILDS) {
     test(`${build}: --cpus ${cpus}: the MP table lists ${cpus} CPU(s), the bootstrap processor and the IO-APIC`, async (t) => {
       const r = await guest('cpus', ['--cpus', String(cpus)], kernel);
       t.is(r.code, 0, r.stdout + r.stderr);
-      const lines = said(r.stdout);
+      const lines = guestSaid(r.stdout);
       // mptable.cc: processors (20 bytes each), then an ISA bus, one IO-APIC, 24 IO and 2 local
       // interrupt entries (8 bytes each) after the 44-byte header. The guest walks the entries by
       // the table's length, as Linux does, and checks both checksums.
@@ -124,7 +114,7 @@ for (const [build, kernel] of BUILDS) {
   test(`${build}: --cpus 4: the guest starts every AP with INIT-SIPI-SIPI, into long mode`, async (t) => {
     const r = await guest('smp', ['--cpus', '4'], kernel);
     t.is(r.code, 0, r.stdout + r.stderr);
-    const lines = said(r.stdout);
+    const lines = guestSaid(r.stdout);
     // IA32_APIC_BASE: 0xfee00000, globally enabled (bit 11), this is the BSP (bit 8).
     t.regex(lines.find((l) => l.startsWith('smp '))!, /^smp apic_base_msr=0xfee00900 lapic_id=0 lapic_version=0x[0-9a-f]+$/);
     // Each AP went real mode -> 32-bit -> long mode on its own vCPU thread (stage bytes) and added
@@ -141,7 +131,7 @@ test('bzImage facts: long mode entry, boot_params, command line, e820 and the in
   await fs.writeFile(initrd, bytes);
   const r = await guest('facts', ['--initrd', initrd], GUEST_BZIMAGE);
   t.is(r.code, 0, r.stdout + r.stderr);
-  const lines = said(r.stdout);
+  const lines = guestSaid(r.stdout);
   // Long mode with paging (CR0.PG|ET|PE, CR4.PAE, EFER.LME|LMA), the boot GDT's selectors, and
   // %rsi -> the zero page (layout.h kZeroPage).
   t.true(lines.includes('entry64 cs=0x10 ds=0x18 ss=0x18 cr0=0x80000011 cr4=0x20 efer=0x500 rsi=0x3000'), lines.join('\n'));
@@ -194,7 +184,7 @@ async function doorbell(kernel: string, test: string, opts: { emulateDoorbells?:
   const timer = setTimeout(() => machine.kill(), 30_000);
   const result = await machine.start((chunk) => (out += chunk.toString('latin1')));
   clearTimeout(timer);
-  return { result, lines: said(out), out };
+  return { result, lines: guestSaid(out), out };
 }
 
 for (const [build, kernel] of BUILDS) {

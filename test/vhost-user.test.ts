@@ -5,19 +5,16 @@
 // the device server itself built with ASan serving a guest. Three boots in all.
 import test from 'ava';
 import { execFile, spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { defaultImage } from '../src/image/default.js';
-import { CpioWriter } from '../src/initrd/cpio.js';
 import { cachedKernel } from '../src/kernel/build.js';
 import { packageRoot } from '../src/paths.js';
 import { makeVmConfig } from '../src/vm/config.js';
 import { qemuArgs, startQemu } from '../src/vm/qemu.js';
-import { skiff } from './helpers.js';
+import { guestPattern, hostEcho, initrdWithVsockTool, pattern, sha256, skiff, upperCaseListener } from './helpers.js';
 
 const execFileP = promisify(execFile);
 const root = packageRoot();
@@ -55,6 +52,7 @@ test.serial('transport: the fake front-end tests pass under ASan/UBSan', async (
 
 test.serial('transport: a bounded fuzz run of the message parser finds nothing', async (t) => {
   const seconds = process.env.SKIFF_FUZZ_SECONDS ?? '10';
+  t.timeout((Number(seconds) + 240) * 1000);  // plus building the target with clang
   const r = await execFileP('bash', [path.join(hv, 'transport', 'fuzz', 'run.sh')], { cwd: root, env: { ...process.env, SKIFF_FUZZ_SECONDS: seconds }, maxBuffer: 1 << 24 }).then(
     (ok) => ({ code: 0, out: ok.stdout + ok.stderr }),
     (e) => ({ code: e.code as number, out: String(e.stdout) + String(e.stderr) }),
@@ -67,17 +65,6 @@ test.serial('transport: a bounded fuzz run of the message parser finds nothing',
 // ---- real guests ----
 
 const PATTERN_BYTES = 64 * 1024;
-const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-/** A recognisable, position-dependent pattern: "<tag> <line number>\n" lines cut to `bytes`. */
-function pattern(tag: string, bytes: number): Buffer {
-  let s = '';
-  for (let i = 0; s.length < bytes; i++) s += `${tag} ${i}\n`;
-  return Buffer.from(s.slice(0, bytes));
-}
-/** The same pattern, made by the guest's busybox shell. */
-function guestPattern(tag: string, bytes: number): string {
-  return `i=0; while [ $i -lt ${Math.ceil(bytes / 8)} ]; do echo "${tag} $i"; i=$((i+1)); done | head -c ${bytes}`;
-}
 
 async function disk(name: string, mib: number, at?: { offset: number; data: Buffer }): Promise<string> {
   const file = path.join(scratch, name);
@@ -94,102 +81,6 @@ async function readAt(file: string, offset: number, length: number): Promise<Buf
   await fh.read(buf, 0, length, offset);
   await fh.close();
   return buf;
-}
-
-/** The guest half of the vsock tests, static so it runs from the initrd. */
-const VSOCK_TOOL = String.raw`
-#include <linux/vm_sockets.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
-static void die(const char *what) { perror(what); exit(1); }
-static void writeAll(int fd, const char *p, size_t n) {
-  while (n > 0) { ssize_t w = write(fd, p, n); if (w <= 0) die("write"); p += w; n -= (size_t)w; }
-}
-/* listen PORT: echo one connection.  connect CID PORT MSG: send MSG, print what comes back until EOF. */
-int main(int argc, char **argv) {
-  static char buf[65536];
-  struct sockaddr_vm a = {.svm_family = AF_VSOCK};
-  if (argc < 3) return 2;
-  int s = socket(AF_VSOCK, SOCK_STREAM, 0);
-  if (s < 0) die("socket");
-  if (!strcmp(argv[1], "listen")) {
-    a.svm_cid = VMADDR_CID_ANY;
-    a.svm_port = (unsigned)atoi(argv[2]);
-    if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1)) die("listen");
-    int c = accept(s, NULL, NULL);
-    if (c < 0) die("accept");
-    ssize_t n;
-    while ((n = read(c, buf, sizeof buf)) > 0) writeAll(c, buf, (size_t)n);
-    return 0;
-  }
-  a.svm_cid = (unsigned)atoi(argv[2]);
-  a.svm_port = (unsigned)atoi(argv[3]);
-  for (int i = 0; connect(s, (struct sockaddr *)&a, sizeof a) != 0; i++) {
-    if (i == 100) die("connect");
-    close(s);
-    usleep(100000);
-    s = socket(AF_VSOCK, SOCK_STREAM, 0);
-  }
-  writeAll(s, argv[4], strlen(argv[4]));
-  shutdown(s, SHUT_WR);
-  ssize_t n;
-  printf("reply: ");
-  while ((n = read(s, buf, sizeof buf)) > 0) fwrite(buf, 1, (size_t)n, stdout);
-  printf("\n");
-  return 0;
-}
-`;
-
-/**
- * The default image's initrd with /bin/vsock-tool and the guest's test script /bin/check appended
- * (the kernel unpacks concatenated archives; the script is too long for the kernel command line).
- */
-async function initrdWithVsockTool(baseInitrd: string, script: string): Promise<string> {
-  const src = path.join(scratch, 'vsock-tool.c');
-  const bin = path.join(scratch, 'vsock-tool');
-  await fs.writeFile(src, VSOCK_TOOL);
-  await execFileP('gcc', ['-static', '-O2', '-Wall', '-Werror', src, '-o', bin]);
-  const cpio = new CpioWriter();
-  cpio.file('bin/vsock-tool', await fs.readFile(bin), { mode: 0o755 });
-  cpio.file('bin/check', `${script}\n`, { mode: 0o755 });
-  const extra = path.join(scratch, 'extra.cpio');
-  await cpio.writeTo(extra);
-  const out = path.join(scratch, 'initrd-vsock.cpio');
-  await fs.writeFile(out, Buffer.concat([await fs.readFile(baseInitrd), await fs.readFile(extra)]));
-  return out;
-}
-
-/** Host side of "host → guest": CONNECT until the guest's listener is up, then one echo round. */
-async function hostEcho(vsockPath: string, port: number, message: string): Promise<string> {
-  for (let attempt = 0; attempt < 300; attempt++) {
-    const got = await new Promise<string | undefined>((resolve) => {
-      const sock = net.connect(vsockPath);
-      let data = '';
-      let sent = false;
-      sock.setEncoding('utf8');
-      sock.on('connect', () => sock.write(`CONNECT ${port}\n`));
-      sock.on('data', (d: string) => {
-        data += d;
-        if (!sent && data.startsWith(`OK ${port}\n`)) {
-          sent = true;
-          data = data.slice(`OK ${port}\n`.length);
-          sock.write(message);
-        }
-        if (sent && data.length >= message.length) {
-          sock.destroy();
-          resolve(data);
-        }
-      });
-      sock.on('error', () => resolve(undefined));
-      sock.on('close', () => resolve(undefined));
-    });
-    if (got !== undefined) return got;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error('the guest never accepted a vsock connection');
 }
 
 test.serial('a real guest: two disks (one ro), patterns both ways, serials, /dev/hwrng, vsock echo both ways', async (t) => {
@@ -214,29 +105,21 @@ test.serial('a real guest: two disks (one ro), patterns both ways, serials, /dev
     // vsock: guest listener for the host, and guest → host listener at vsock_6000
     `vsock-tool listen 5000 & vsock-tool connect 2 6000 hello-from-guest; wait`,
   ].join('\n');
-  const initrd = await initrdWithVsockTool(image.initrd!, script);
+  const initrd = await initrdWithVsockTool(scratch, image.initrd!, script);
   const config = await makeVmConfig({ kernel: image.kernel, initrd, cmdline: image.cmdline, timeoutSec: 120, disks: [{ path: rw }, { path: ro, readOnly: true }], command: ['sh', '/bin/check'] });
   const machine = await startQemu(config, { accel: 'tcg' });
   // guest → host: a listener that answers in upper case.
-  const got: string[] = [];
-  const listener = net.createServer((c) => {
-    let data = '';
-    c.setEncoding('utf8');
-    c.on('data', (d: string) => (data += d));
-    c.on('end', () => {
-      got.push(data);
-      c.end(data.toUpperCase());
-    });
-  });
-  await new Promise<void>((resolve) => listener.listen(path.join(machine.vmDir, 'vsock_6000'), resolve));
+  const { got, close: closeListener } = await upperCaseListener(path.join(machine.vmDir, 'vsock_6000'));
   // skiff's sockets: 0600 in a 0700 directory.
   const modes: Record<string, number> = {};
   for (const name of ['.', 'vsock', 'vsock.sock', 'rng.sock', 'blk0.sock', 'blk1.sock']) modes[name] = (await fs.stat(path.join(machine.vmDir, name))).mode & 0o777;
   let out = '';
   machine.output.on('data', (d: Buffer) => (out += d.toString()));
-  const echoed = await hostEcho(machine.vsockPath, 5000, 'ping-from-host');
+  let ended = false;
+  void machine.wait().then(() => (ended = true));
+  const echoed = await hostEcho(machine.vsockPath, 5000, 'ping-from-host', () => ended);
   const exit = await machine.wait();
-  listener.close();
+  closeListener();
   t.deepEqual(exit, { kind: 'exited', status: 0 }, out);
   t.regex(out, new RegExp(`vda-read ${sha256(fromHost)}`), out);
   t.regex(out, /vda-written/, out);

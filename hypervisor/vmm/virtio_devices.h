@@ -3,6 +3,7 @@
 // interrupt as an interrupt line (KVM irqfd), its work on the machine's event loop, and a
 // virtio_mmio.device= word on the kernel command line.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -17,6 +18,23 @@ struct VirtioDisk {
   std::string serial;  // GET_ID, up to 20 bytes
 };
 
+// A virtio-net NIC behind libslirp (devices/virtio/slirp_backend.h): rootless NAT, DNS, and host
+// forwards 127.0.0.1:hostPort -> guest:guestPort.
+struct VirtioNet {
+  bool enabled = false;
+  std::array<uint8_t, 6> mac{};
+  struct Forward {
+    bool udp = false;
+    uint16_t hostPort = 0, guestPort = 0;
+  };
+  std::vector<Forward> forwards;
+};
+
+// Whether this build has libslirp (SKIFF_SLIRP): without it a VirtioNet cannot be attached.
+bool netAvailable();
+// The one-line reason a network cannot be had from this build.
+extern const char* const kNoNetMessage;
+
 struct VirtioConfig {
   bool rng = false;
   std::vector<VirtioDisk> disks;
@@ -26,10 +44,13 @@ struct VirtioConfig {
   // CID 2 port P goes to the Unix socket `<dir>/vsock_P`.
   std::string vsockDir;
   static constexpr uint64_t kGuestCid = 3;
+  VirtioNet net;
 };
 
-// Devices in this order: rng, the disks, vsock, each on the next free slot. A disk that cannot be
-// opened throws (a one-line message naming the file), so the boot fails before any vCPU runs.
+// Devices in this order: rng, the disks, vsock, net, each on the next free slot (net last, so the
+// others keep the slots they have without it). A disk that cannot be opened, or a --publish host
+// port that cannot be listened on, throws (a one-line message), so the boot fails before any vCPU
+// runs.
 DeviceAttach attachVirtio(VirtioConfig config);
 
 }  // namespace skiff

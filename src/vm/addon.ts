@@ -43,6 +43,18 @@ export interface NativeMachineConfig {
    * port P reaches the Unix socket `vsock_P`.
    */
   vsockDir?: string;
+  /** virtio-net behind libslirp NAT (hypervisor/vmm/virtio_devices.h), on the slot after vsock. */
+  net?: NativeNetConfig;
+}
+
+/**
+ * A NIC behind libslirp: guest 10.0.2.15/24, gateway and host 10.0.2.2, DNS 10.0.2.3; each forward
+ * listens on host 127.0.0.1:hostPort. The MAC is the addon's Net::stableMac(seed), computed there
+ * only (DeviceServer reports it as netMac for QEMU's command line).
+ */
+export interface NativeNetConfig {
+  seed: string;
+  forwards: { hostPort: number; guestPort: number; udp: boolean }[];
 }
 
 /** What DeviceServer serves over vhost-user (hypervisor/transport/device_server.h). */
@@ -53,14 +65,18 @@ export interface DeviceServerConfig {
   rng?: boolean;
   /** vsock, guest CID 3: host side at `<socketDir>/vsock` (CONNECT <port>) and `<socketDir>/vsock_<port>`. */
   vsock?: boolean;
+  /** virtio-net behind libslirp NAT, served as vhost-user-net (socket kind 'net'). */
+  net?: NativeNetConfig;
 }
 
 /** skiff's devices served to a QEMU guest, on their own native thread, until close(). */
 export interface DeviceServerHandle {
   /** vhost-user sockets in config order: disks (kind 'blk'), then 'rng', then 'vsock'. */
-  readonly sockets: readonly { kind: 'blk' | 'rng' | 'vsock'; path: string }[];
+  readonly sockets: readonly { kind: 'blk' | 'rng' | 'vsock' | 'net'; path: string }[];
   /** `<socketDir>/vsock`, or '' without vsock. */
   readonly vsockPath: string;
+  /** The NIC's MAC ("02:..."), for QEMU's virtio-net-device (which keeps the config space); null without net. */
+  readonly netMac: string | null;
   /** CPU seconds used by the device thread so far (benchmarks). */
   cpuSeconds(): number;
   /** Stops serving, releases the disks and removes the sockets (waits milliseconds for the device thread). Idempotent. */
@@ -71,6 +87,8 @@ export interface Addon {
   probe(): { backend: string | null; apiVersion: number; error: string | null };
   Machine: new (config: NativeMachineConfig) => NativeMachineHandle;
   DeviceServer: new (config: DeviceServerConfig) => DeviceServerHandle;
+  /** null, or the one-line reason this build has no networking (it was built without libslirp). */
+  netUnavailable: string | null;
 }
 
 export class AddonError extends Error {}

@@ -178,6 +178,16 @@ async function checkDisks(inputs: readonly DiskInput[]): Promise<Disk[]> {
   return disks;
 }
 
+/**
+ * The NIC both engines hand the addon for `config.network` (undefined for 'none'). `seed` picks
+ * the MAC (the addon's Net::stableMac, the one place it is computed): the engines pass the VM's
+ * private directory, unique per VM, so each VM gets its own locally administered address.
+ */
+export function netDevice(config: VmConfig, seed: string): { seed: string; forwards: { hostPort: number; guestPort: number; udp: boolean }[] } | undefined {
+  if (config.network === 'none') return undefined;
+  return { seed, forwards: config.publish.map((f) => ({ hostPort: f.hostPort, guestPort: f.guestPort, udp: f.protocol === 'udp' })) };
+}
+
 export async function makeVmConfig(input: VmConfigInput): Promise<VmConfig> {
   const kernelPath = await checkReadable('kernel', input.kernel);
   let kernel: KernelInfo;

@@ -9,14 +9,16 @@ import { loadAddon, type NativeMachineConfig, type NativeResult } from './addon.
 import { EngineUnavailableError, probeHost } from './host.js';
 import { makeVmDir } from '../store/store.js';
 import { ConsoleTap, findPanic, type ReadyMarker } from './console.js';
-import type { VmConfig } from './config.js';
+import { netDevice, type VmConfig } from './config.js';
 import type { Machine, MachineExit } from './machine.js';
 
 export async function startNative(config: VmConfig): Promise<Machine> {
   // Only KVM on PVM needs the pvm-native flavor's command line; elsewhere nothing is looked up.
   const release = probeHost().pvm ? (config.kernel.version ?? (await kernelRelease(config.kernel))) : undefined;
-  if (config.disks.length > NATIVE_MAX_DISKS) {
-    throw new EngineUnavailableError(`the native engine takes at most ${NATIVE_MAX_DISKS} disks (8 virtio-mmio slots, one each for rng and vsock), got ${config.disks.length}`);
+  const maxDisks = nativeMaxDisks(config);
+  if (config.disks.length > maxDisks) {
+    const others = config.network === 'none' ? 'one each for rng and vsock' : 'one each for rng, vsock and net';
+    throw new EngineUnavailableError(`the native engine takes at most ${maxDisks} disks with --network ${config.network} (8 virtio-mmio slots, ${others}), got ${config.disks.length}`);
   }
   const vmDir = await makeVmDir();
   try {
@@ -29,6 +31,11 @@ export async function startNative(config: VmConfig): Promise<Machine> {
 
 /** virtio-mmio slots (hypervisor/vmm/layout.h) less rng and vsock. */
 export const NATIVE_MAX_DISKS = 6;
+
+/** Disks a VM can have on the native engine: net takes a slot only when it is attached. */
+export function nativeMaxDisks(config: Pick<VmConfig, 'network'>): number {
+  return config.network === 'none' ? NATIVE_MAX_DISKS : NATIVE_MAX_DISKS - 1;
+}
 
 /** The kernel flavor built for KVM on PVM's instruction emulator (src/kernel/flavors.ts) says so in its release. */
 const PVM_NATIVE_RELEASE = /-skiff-pvm-native$/;
@@ -109,10 +116,11 @@ export async function kernelRelease(kernel: KernelInfo): Promise<string | undefi
 
 /**
  * What the native engine attaches to every VM: virtio-rng, the config's disks (virtio-blk, in
- * order: vda, vdb, ...) and virtio-vsock (guest CID 3) with its Unix sockets in `vmDir`.
+ * order: vda, vdb, ...) and virtio-vsock (guest CID 3) with its Unix sockets in `vmDir`; then
+ * virtio-net when the config has a network.
  */
-export function nativeDevices(config: VmConfig, vmDir: string): Pick<NativeMachineConfig, 'rng' | 'disks' | 'vsockDir'> {
-  return { rng: true, disks: config.disks.map((d) => ({ path: d.path, readOnly: d.readOnly, serial: d.serial })), vsockDir: vmDir };
+export function nativeDevices(config: VmConfig, vmDir: string): Pick<NativeMachineConfig, 'rng' | 'disks' | 'vsockDir' | 'net'> {
+  return { rng: true, disks: config.disks.map((d) => ({ path: d.path, readOnly: d.readOnly, serial: d.serial })), vsockDir: vmDir, net: netDevice(config, vmDir) };
 }
 
 export class NativeMachine implements Machine {

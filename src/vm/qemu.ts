@@ -1,6 +1,6 @@
 // The QEMU engine: qemu-system-x86_64 -M microvm runs the guest (KVM where hardware virtualization
 // is real, TCG otherwise); skiff reads the guest's exit status from a virtio serial port and
-// QEMU's isa-debug-exit device. The guest's disks, rng and vsock are skiff's own device models,
+// QEMU's isa-debug-exit device. The guest's disks, rng, vsock and NIC are skiff's own device models,
 // served from this process over vhost-user (hypervisor/transport/): QEMU shares guest memory with
 // us as a memfd and connects to one Unix socket per device in the VM's private directory.
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -9,7 +9,7 @@ import path from 'node:path';
 import { makeVmDir } from '../store/store.js';
 import { loadAddon, type DeviceServerHandle } from './addon.js';
 import { ConsoleTap, findPanic, type ReadyMarker } from './console.js';
-import { EXIT_PORT, type VmConfig } from './config.js';
+import { EXIT_PORT, netDevice, type VmConfig } from './config.js';
 import type { Accel } from './host.js';
 import type { Machine, MachineExit } from './machine.js';
 
@@ -28,6 +28,9 @@ export interface QemuOptions {
  * instructions to init with it, 92 M without). The PIT drives the tick instead.
  */
 const TCG_CMDLINE = 'noapictimer';
+// The NAT's MTU: SlirpBackend::kMtu in hypervisor/devices/virtio/slirp_backend.h (libslirp's
+// largest). Keep the two equal: the guest must not send frames larger than the back-end takes.
+const NAT_MTU = 65521;
 
 /** QEMU's option parser treats ',' as a separator; a literal comma is written twice. */
 function optionValue(value: string): string {
@@ -37,6 +40,8 @@ function optionValue(value: string): string {
 /** skiff's vhost-user sockets, as DeviceServer reports them. */
 export interface DeviceSockets {
   sockets: readonly { kind: string; path: string }[];
+  /** The MAC of the 'net' socket's NIC (QEMU's virtio-net-device holds the config space). */
+  netMac?: string | null;
 }
 
 /** QEMU's vhost-user device for each kind skiff serves (all on microvm's virtio-mmio bus). */
@@ -74,6 +79,15 @@ export function qemuArgs(config: VmConfig, statusFile: string, options: QemuOpti
   ];
   // Disks first: the kernel probes virtio_mmio.device= words in order, so disk i becomes vd(a+i).
   for (const [i, s] of (devices?.sockets ?? []).entries()) {
+    if (s.kind === 'net') {
+      // A netdev, not a device with a chardev: QEMU's virtio-net-device keeps the config space
+      // (MAC, link status) and the control queue, and hands skiff's back-end the rx/tx queues.
+      // host_mtu: QEMU offers VIRTIO_NET_F_MTU so Linux sets eth0 to the back-end's MTU (skiff's
+      // back-end offers no NET_MTU protocol feature, so QEMU sends no VHOST_USER_NET_SET_MTU).
+      if (!devices?.netMac) throw new Error('a vhost-user net socket without its MAC');
+      args.push('-chardev', `socket,id=vu${i},path=${optionValue(s.path)}`, '-netdev', `vhost-user,id=net${i},chardev=vu${i}`, '-device', `virtio-net-device,netdev=net${i},mac=${devices.netMac},host_mtu=${NAT_MTU}`);
+      continue;
+    }
     const device = VHOST_USER_DEVICE[s.kind];
     if (!device) throw new Error(`unknown vhost-user device kind ${s.kind}`);
     args.push('-chardev', `socket,id=vu${i},path=${optionValue(s.path)}`, '-device', `${device},chardev=vu${i}`);
@@ -89,8 +103,10 @@ function debugExitCode(status: number): number {
 }
 
 /**
- * skiff's devices for this guest: its disks, virtio-rng (so the guest's crng is ready at boot) and
- * virtio-vsock (guest CID 3; the host side is `<vmDir>/vsock` and `<vmDir>/vsock_<port>`).
+ * skiff's devices for this guest: its disks, virtio-rng (so the guest's crng is ready at boot),
+ * virtio-vsock (guest CID 3; the host side is `<vmDir>/vsock` and `<vmDir>/vsock_<port>`) and,
+ * with a network, virtio-net behind libslirp (its --publish ports are listened on here, before
+ * QEMU starts).
  */
 export function serveDevices(config: VmConfig, vmDir: string): DeviceServerHandle {
   const addon = loadAddon();
@@ -99,6 +115,7 @@ export function serveDevices(config: VmConfig, vmDir: string): DeviceServerHandl
     disks: config.disks.map((d) => ({ path: d.path, readOnly: d.readOnly, serial: d.serial })),
     rng: true,
     vsock: true,
+    net: netDevice(config, vmDir),
   });
 }
 

@@ -1461,6 +1461,15 @@ void guest_main(u64 info_paddr, u32 boot_mode)
             test_virtio(virtio_blk_ring3);
         if (equals(t, n, "virtio-vsock"))
             test_virtio(virtio_vsock_ring3);
+        if (equals(t, n, "virtio-vsock-irq")) {
+            virtio_irq_driven = 1;
+            test_virtio(virtio_vsock_ring3);
+        }
+        if (equals(t, n, "virtio-vsock-irq-drop")) {
+            virtio_irq_driven = 1;
+            virtio_irq_drop = 1;
+            test_virtio(virtio_vsock_ring3);
+        }
         if (equals(t, n, "virtio-hostile"))
             test_virtio(virtio_hostile_ring3);
         if (starts_with(t, n, "exit=")) {

@@ -48,6 +48,15 @@ extern char vlog[8192];
 extern u32 vlog_len;
 extern int vresult; /* 1 ok, 0 failed */
 
+/* Set before a ring-3 entry point: completions are looked for only after the device's interrupt,
+   as a Linux driver does (skiff.test=virtio-vsock-irq); a completion that came without one is
+   counted in virtio_irq_stalls. 0: the used rings are polled (the interrupt is only counted). */
+extern int virtio_irq_driven;
+extern u64 virtio_irq_stalls, virtio_irq_waits;
+/* The ring-0 handler ignores this many interrupts (no ACK, not counted), as if their edges had
+   been lost (skiff.test=virtio-vsock-irq-drop): the transport must signal again at the next cause. */
+extern volatile u32 virtio_irq_drop, virtio_irq_dropped;
+
 /* Ring 3 entry points (ring3_fn). Each fills vlog and vresult. */
 void virtio_rng_ring3(void);
 void virtio_blk_ring3(void);

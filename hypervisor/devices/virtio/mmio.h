@@ -22,8 +22,11 @@ class Mmio final : private Guest {
   static constexpr uint64_t kConfigOffset = 0x100;
   static constexpr uint32_t kVendorId = 0x46494b53;  // "SKIF"
 
-  // The interrupt line's level: true when InterruptStatus becomes non-zero, false when the driver
-  // acknowledged everything. Edge-style transports (irqfd) signal on true and ignore false.
+  // The interrupt line. true: InterruptStatus is non-zero and the driver must look, now; it comes
+  // each time the device sets a bit (also when some were set already) and after an ACK that left
+  // bits set. false: the driver acknowledged everything. Edge-style transports (irqfd) send an
+  // edge on every true and ignore false; a level-style line is asserted on true (again: harmless)
+  // and deasserted on false. Why not only on 0 -> non-zero: see raise() in mmio.cc.
   // Called with an internal lock held: it must not call back into this Mmio.
   using Interrupt = std::function<void(bool level)>;
   // The driver wrote QueueNotify for `queue` (< the device's queue count). The machine either runs

@@ -291,13 +291,20 @@ void SlirpBackend::update() {
   for (const auto& t : timers_) {
     if (t->expireMs >= 0) deadline = std::min(deadline, t->expireMs);
   }
-  itimerspec spec{};
-  if (deadline != INT64_MAX) {
-    deadline = std::max<int64_t>(deadline, 1);  // 0 would disarm it
-    spec.it_value.tv_sec = deadline / 1000;
-    spec.it_value.tv_nsec = (deadline % 1000) * 1000000;
+  // Re-armed only when the deadline comes sooner, or the armed one has passed: slirp's timeout is
+  // relative, so the deadline creeps later on every wake-up, and a timer that fires a little early
+  // costs one spare pass (onTimer re-arms it) where a timerfd_settime per wake-up costs a syscall
+  // per few frames.
+  deadline = std::max<int64_t>(deadline, 1);  // 0 would disarm it
+  if (deadline < armedMs_ || armedMs_ <= now) {
+    itimerspec spec{};
+    if (deadline != INT64_MAX) {
+      spec.it_value.tv_sec = deadline / 1000;
+      spec.it_value.tv_nsec = (deadline % 1000) * 1000000;
+    }
+    timerfd_settime(timerFd_, TFD_TIMER_ABSTIME, &spec, nullptr);
+    armedMs_ = deadline;
   }
-  timerfd_settime(timerFd_, TFD_TIMER_ABSTIME, &spec, nullptr);
 }
 
 }  // namespace virtio

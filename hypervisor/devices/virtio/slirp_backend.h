@@ -43,9 +43,15 @@ class SlirpBackend final : public NetBackend {
     uint16_t hostPort = 0;   // on 127.0.0.1; 1-65535 (validated by the caller)
     uint16_t guestPort = 0;  // on 10.0.2.15
   };
+  // The MTU skiff's NAT uses, on both engines (the native Net announces mtu(); src/vm/qemu.ts
+  // passes the same number to QEMU as host_mtu). libslirp's largest (IF_MTU_MAX/IF_MRU_MAX), so TCP moves
+  // in segments of up to 64 KiB rather than 1460 bytes: fewer frames, host socket calls and
+  // wake-ups per byte. With its Ethernet header a frame is 65535 bytes, within Net::kMaxFrame.
+  static constexpr uint16_t kMtu = 65521;
+
   struct Options {
     std::vector<Forward> forwards;
-    uint16_t mtu = 1500;
+    uint16_t mtu = kMtu;
     std::string hostname;  // offered by DHCP; empty: none
   };
   using Log = std::function<void(const std::string& message)>;
@@ -82,6 +88,7 @@ class SlirpBackend final : public NetBackend {
   uint16_t mtu_;
   Slirp* slirp_ = nullptr;
   int timerFd_ = -1;
+  int64_t armedMs_ = INT64_MAX;  // the timerfd's deadline (CLOCK_MONOTONIC ms); INT64_MAX: none
   std::map<int, uint32_t> watched_;  // fd -> IoEvent bits registered with the loop
   struct PollFd {
     int fd;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 
 namespace skiff {
@@ -13,6 +14,8 @@ namespace virtio {
 namespace {
 constexpr uint16_t kRx = 0, kTx = 1;
 constexpr uint32_t kTxBudget = Vsock::kQueueSize;
+// One readv's spans at most (the kernel refuses more than IOV_MAX).
+constexpr size_t kMaxRxSpans = IOV_MAX;
 }  // namespace
 
 Vsock::Vsock(uint64_t guestCid, VsockHost& host) : guestCid_(guestCid), host_(host) {}
@@ -32,7 +35,7 @@ void Vsock::activate(const MemoryMap& memory, std::vector<Queue>& queues, uint64
 void Vsock::reset() {
   while (!conns_.empty()) close(conns_.begin()->first, false);
   control_.clear();
-  rxHeldValid_ = false;
+  rxHeldFirst_ = rxHeldCount_ = 0;
   memory_ = nullptr;
   queues_ = nullptr;
   guest_ = nullptr;
@@ -228,7 +231,17 @@ void Vsock::onRw(Conn& c, Cursor& in, uint32_t len) {
     if (conns_.count(k) == 0) return;  // reset by a failed write
   }
   // Tell the guest about freed space before it runs dry (every packet to it carries fwd_cnt too).
-  if (uint32_t(c.fwdCnt - c.fwdCntSent) >= kBufAlloc / 4) queueControl(c.hostPort, c.guestPort, kOpCreditUpdate);
+  creditUpdate(c);
+}
+
+// A CREDIT_UPDATE once a quarter of the buffer was forwarded since the guest last heard our
+// fwd_cnt. At most one waits in the queue per connection: it carries the fwd_cnt of when it is
+// sent, so a second one queued behind it (a batch of tx packets each crossing the threshold
+// before rx runs) would say nothing new.
+void Vsock::creditUpdate(Conn& c) {
+  if (c.creditUpdateQueued || uint32_t(c.fwdCnt - c.fwdCntSent) < kBufAlloc / 4) return;
+  c.creditUpdateQueued = true;
+  queueControl(c.hostPort, c.guestPort, kOpCreditUpdate);
 }
 
 void Vsock::flushPending(Conn& c) {
@@ -250,7 +263,7 @@ void Vsock::flushPending(Conn& c) {
     return;
   }
   if (c.guestShutSend) ::shutdown(c.fd, SHUT_WR);
-  if (uint32_t(c.fwdCnt - c.fwdCntSent) >= kBufAlloc / 4) queueControl(c.hostPort, c.guestPort, kOpCreditUpdate);
+  creditUpdate(c);
 }
 
 // Bytes the guest can take now: its buffer less what is in flight. A guest reporting more
@@ -283,18 +296,49 @@ Vsock::Header Vsock::header(uint32_t hostPort, uint32_t guestPort, uint16_t op, 
   if (it != conns_.end()) {
     h.fwdCnt = it->second.fwdCnt;
     it->second.fwdCntSent = it->second.fwdCnt;
+    if (op == kOpCreditUpdate) it->second.creditUpdateQueued = false;
   }
   return h;
 }
 
+// Holds one more rx buffer, popped from the ring. With `arm`, an empty ring re-arms the driver's
+// kicks (avail_event, or the flag) and looks once more, so a buffer posted meanwhile is not missed:
+// rx kicks matter only once we run dry. False when none is available, the queue failed, or the
+// buffer cannot hold a header: then the device failed and the caller must stop.
+Vsock::Hold Vsock::holdRx(bool arm) {
+  Queue& rx = (*queues_)[kRx];
+  if (rxHeldCount_ == kRxBatch) return Hold::kNone;
+  Chain& chain = held(rxHeldCount_);
+  if (!rx.pop(chain) && (!arm || rx.failed() || !rx.enableNotification() || !rx.pop(chain))) return Hold::kNone;
+  if (chain.writableBytes < sizeof(Header)) {
+    guest_->fail("vsock rx buffer smaller than a packet header");
+    return Hold::kFailed;
+  }
+  if (rxHeldCount_ == 0) rxHeldGeneration_ = rx.generation();
+  ++rxHeldCount_;
+  return Hold::kHeld;
+}
+
+// Writes `h` (and so ends the packet of h.len payload bytes already read into it) into the first
+// held buffer and returns that buffer to the driver.
+void Vsock::deliver(const Header& h) {
+  Chain& chain = held(0);
+  Cursor out(*memory_, chain.writable);
+  out.write(&h, sizeof h);  // cannot fail: writableBytes >= sizeof h, and the walk checked them
+  (*queues_)[kRx].push(chain.head, static_cast<uint32_t>(sizeof h) + h.len);
+  rxHeldFirst_ = (rxHeldFirst_ + 1) % kRxBatch;
+  --rxHeldCount_;
+}
+
 // Fills rx buffers: queued control packets first, then data from host sockets that may have some,
-// as far as each connection's credit and the guest's buffers allow.
+// as far as each connection's credit and the guest's buffers allow. Data for one connection is
+// read with one readv across as many held buffers as its credit covers (up to kRxBatch), then
+// split into one packet per buffer.
 void Vsock::fillRx() {
   if (guest_ == nullptr) return;
   Queue& rx = (*queues_)[kRx];
-  if (rxHeldValid_ && (!rx.ready() || rx.generation() != rxHeldGeneration_)) rxHeldValid_ = false;
+  if (rxHeldCount_ > 0 && (!rx.ready() || rx.generation() != rxHeldGeneration_)) rxHeldFirst_ = rxHeldCount_ = 0;
   if (!rx.ready()) return;
-  Chain& chain = rxHeld_;
   bool pushed = false;
   auto it = conns_.begin();
   for (;;) {
@@ -302,64 +346,79 @@ void Vsock::fillRx() {
     bool isControl = !control_.empty();
     while (!isControl && it != conns_.end() && !sendable(it->second)) ++it;
     if (!isControl && it == conns_.end()) break;
-    if (!rxHeldValid_) {
-      // No kick suppression here: rx kicks matter only once we run dry, and then enableNotification
-      // re-arms them (avail_event, or the flag) before the last look.
-      if (!rx.pop(chain) && (rx.failed() || !rx.enableNotification() || !rx.pop(chain))) break;
-      if (chain.writableBytes < sizeof(Header)) {
-        guest_->fail("vsock rx buffer smaller than a packet header");
-        return;
-      }
-      rxHeldValid_ = true;
-      rxHeldGeneration_ = rx.generation();
+    if (rxHeldCount_ == 0) {
+      Hold got = holdRx(true);
+      if (got == Hold::kFailed) return;
+      if (got == Hold::kNone) break;
     }
-    Cursor out(*memory_, chain.writable);
-    Header h;
-    uint32_t payload = 0;
     if (isControl) {
       Control ctl = control_.front();
       control_.pop_front();
-      h = header(ctl.hostPort, ctl.guestPort, ctl.op, ctl.flags, 0);
-    } else {
-      Conn& c = it->second;
-      uint64_t room = chain.writableBytes - sizeof(Header);
-      uint32_t want = static_cast<uint32_t>(std::min<uint64_t>(std::min<uint64_t>(room, credit(c)), kMaxPayload));
-      std::vector<iovec> iov;
-      if (want == 0 || !out.skip(sizeof(Header)) || !out.spans(want, iov, 64)) {
-        // Too small or too fragmented a buffer for data: it carries a credit update instead.
-        h = header(c.hostPort, c.guestPort, kOpCreditUpdate, 0, 0);
-        ++it;
-      } else {
-        ssize_t n;
-        do {
-          n = ::readv(c.fd, iov.data(), static_cast<int>(iov.size()));
-        } while (n < 0 && errno == EINTR);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-          c.mayRead = false;  // the buffer stays held for the next packet
-          updateWatch(c);
-          continue;
-        }
-        if (n > 0) {
-          payload = static_cast<uint32_t>(n);
-          c.txCnt += payload;
-          h = header(c.hostPort, c.guestPort, kOpRw, 0, payload);
-          updateWatch(c);
-        } else if (n == 0) {
-          c.hostEof = true;  // the host closed: the guest sees both directions shut
-          h = header(c.hostPort, c.guestPort, kOpShutdown, kShutdownRecv | kShutdownSend, 0);
-          updateWatch(c);
-        } else {
-          h = header(c.hostPort, c.guestPort, kOpRst, 0, 0);
-          uint64_t k = it->first;
-          ++it;
-          close(k, false);
-        }
-      }
+      deliver(header(ctl.hostPort, ctl.guestPort, ctl.op, ctl.flags, 0));
+      pushed = true;
+      continue;
     }
-    Cursor hdrOut(*memory_, chain.writable);
-    hdrOut.write(&h, sizeof h);  // cannot fail: writableBytes >= sizeof h, and the walk checked them
-    rx.push(chain.head, static_cast<uint32_t>(sizeof h) + payload);
-    rxHeldValid_ = false;
+    Conn& c = it->second;
+    // Buffers for this read: held ones first, more popped while the credit covers them. Each
+    // buffer's payload part (after its header) becomes its own spans in iov_.
+    uint32_t left = credit(c);
+    uint32_t wants[kRxBatch];
+    size_t parts = 0;
+    iov_.clear();
+    while (left > 0 && parts < kRxBatch && iov_.size() < kMaxRxSpans) {
+      if (parts == rxHeldCount_) {
+        Hold got = holdRx(false);
+        if (got == Hold::kFailed) return;
+        if (got == Hold::kNone) break;
+      }
+      Chain& chain = held(parts);
+      uint64_t room = chain.writableBytes - sizeof(Header);
+      uint32_t want = static_cast<uint32_t>(std::min<uint64_t>(std::min<uint64_t>(room, left), kMaxPayload));
+      Cursor out(*memory_, chain.writable);
+      size_t mark = iov_.size();
+      if (want == 0 || !out.skip(sizeof(Header)) || !out.spans(want, iov_, std::min<size_t>(64, kMaxRxSpans - mark))) {
+        iov_.resize(mark);
+        break;
+      }
+      wants[parts++] = want;
+      left -= want;
+    }
+    if (parts == 0) {
+      // Too small or too fragmented a buffer for data: it carries a credit update instead.
+      deliver(header(c.hostPort, c.guestPort, kOpCreditUpdate, 0, 0));
+      pushed = true;
+      ++it;
+      continue;
+    }
+    ssize_t n;
+    do {
+      n = ::readv(c.fd, iov_.data(), static_cast<int>(iov_.size()));
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      c.mayRead = false;  // the buffers stay held for the next packets
+      updateWatch(c);
+      continue;
+    }
+    if (n > 0) {
+      // One packet per buffer, in ring order, each as full as the read made it.
+      auto got = static_cast<uint32_t>(n);  // <= the sum of wants, each <= 64 KiB, at most kRxBatch of them
+      for (size_t i = 0; i < parts && got > 0; ++i) {
+        uint32_t payload = std::min(wants[i], got);
+        got -= payload;
+        c.txCnt += payload;
+        deliver(header(c.hostPort, c.guestPort, kOpRw, 0, payload));
+      }
+      updateWatch(c);
+    } else if (n == 0) {
+      c.hostEof = true;  // the host closed: the guest sees both directions shut
+      deliver(header(c.hostPort, c.guestPort, kOpShutdown, kShutdownRecv | kShutdownSend, 0));
+      updateWatch(c);
+    } else {
+      deliver(header(c.hostPort, c.guestPort, kOpRst, 0, 0));
+      uint64_t k = it->first;
+      ++it;
+      close(k, false);
+    }
     pushed = true;
   }
   if (pushed && rx.needsNotification()) guest_->usedBuffers(kRx);

@@ -8,6 +8,9 @@
 // Threading: process() comes through the transport; hostReady() and hostConnect() must be called
 // through the transport's serialization too (Mmio::withDevice), on the same device thread.
 #pragma once
+#include <sys/uio.h>
+
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -96,6 +99,7 @@ class Vsock final : public Device {
     std::string pending;       // guest data the host socket has not taken yet (<= kBufAlloc)
     uint32_t fwdCnt = 0;       // guest bytes handed to the host socket
     uint32_t fwdCntSent = 0;   // fwd_cnt in the last packet the guest got from us
+    bool creditUpdateQueued = false;  // a CREDIT_UPDATE of creditUpdate() waits in control_
     uint32_t rxCnt = 0;        // guest bytes received (flow control check)
     uint32_t txCnt = 0;        // bytes sent to the guest
     uint32_t peerBufAlloc = 0, peerFwdCnt = 0;
@@ -112,6 +116,7 @@ class Vsock final : public Device {
   bool handleTx(const Chain& chain, std::string& why);
   void onRw(Conn& c, Cursor& in, uint32_t len);
   void flushPending(Conn& c);
+  void creditUpdate(Conn& c);
   uint32_t credit(const Conn& c) const;
   void queueControl(uint32_t hostPort, uint32_t guestPort, uint16_t op, uint32_t flags = 0);
   Header header(uint32_t hostPort, uint32_t guestPort, uint16_t op, uint32_t flags, uint32_t len);
@@ -128,11 +133,18 @@ class Vsock final : public Device {
   std::map<int, uint64_t> byFd_;
   std::deque<Control> control_;
   uint32_t nextHostPort_ = kHostPortBase;
-  // An rx buffer popped for data that turned out not to be there yet (EAGAIN): kept for the next
-  // packet instead of being returned empty.
-  Chain rxHeld_;
-  bool rxHeldValid_ = false;
+  // Rx buffers popped but not yet filled, in ring order: one host-socket read fills several of
+  // them (one readv instead of one per 4 KiB buffer), and buffers popped for data that turned out
+  // not to be there yet (EAGAIN) are kept for the next packets instead of being returned empty.
+  static constexpr size_t kRxBatch = 64;
+  Chain& held(size_t i) { return rxHeld_[(rxHeldFirst_ + i) % kRxBatch]; }
+  enum class Hold { kHeld, kNone, kFailed };
+  Hold holdRx(bool arm);
+  void deliver(const Header& h);
+  std::array<Chain, kRxBatch> rxHeld_;
+  size_t rxHeldFirst_ = 0, rxHeldCount_ = 0;
   uint32_t rxHeldGeneration_ = 0;
+  std::vector<iovec> iov_;  // reused by fillRx and onRw (no allocation per packet)
 };
 
 }  // namespace virtio

@@ -647,17 +647,5 @@ TEST(listen_path_errors_are_one_line) {
 int main(int argc, char** argv) {
   if (argc > 1) scratchDir = argv[1];
   signal(SIGPIPE, SIG_IGN);  // Pipe::readEndClosed writes to a pipe whose reader may be gone
-  int passed = 0, failed = 0;
-  for (auto& [name, fn] : tests()) {
-    int before = checksFailed;
-    fn();
-    if (checksFailed == before) {
-      ++passed;
-    } else {
-      ++failed;
-      std::fprintf(stderr, "FAILED %s\n", name);
-    }
-  }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return skiff::virtio::testing::runAll();
 }

@@ -10,9 +10,11 @@
 #include <cstring>
 
 #include "devices/virtio/blk.h"
+#include "devices/virtio/fuzz/input.h"
 #include "devices/virtio/test/driver.h"
 
 using namespace skiff::virtio;
+using namespace skiff::virtio::fuzzing;
 
 namespace {
 constexpr uint64_t kBase = 0x100000, kSize = 0x40000;
@@ -23,13 +25,6 @@ struct NullGuest : Guest {
   void configChanged() override {}
   void fail(const std::string&) override { failed = true; }
   bool failed = false;
-};
-
-// Reads input bytes front to back; zeros once it runs out.
-struct Input {
-  const uint8_t* p;
-  size_t n;
-  uint8_t byte() { return n ? (--n, *p++) : 0; }
 };
 }  // namespace
 

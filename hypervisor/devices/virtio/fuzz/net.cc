@@ -12,10 +12,12 @@
 #include <memory>
 
 #include "devices/virtio/mmio.h"
+#include "devices/virtio/fuzz/input.h"
 #include "devices/virtio/net.h"
 #include "devices/virtio/test/driver.h"
 
 using namespace skiff::virtio;
+using namespace skiff::virtio::fuzzing;
 
 namespace {
 constexpr uint64_t kBase = 0x100000, kSize = 0x200000;
@@ -29,23 +31,6 @@ struct Backend : NetBackend {
   }
   uint64_t sent = 0;
 };
-
-struct Input {
-  const uint8_t* p;
-  size_t n;
-  uint8_t byte() { return n ? (--n, *p++) : 0; }
-  uint16_t u16() {
-    uint16_t lo = byte();  // two statements: the order of the reads is fixed
-    return uint16_t(lo | byte() << 8);
-  }
-};
-
-void wr(Mmio& m, uint64_t off, uint32_t v) { m.write(off, reinterpret_cast<const uint8_t*>(&v), 4); }  // uint32_t storage as bytes
-uint32_t rd(Mmio& m, uint64_t off) {
-  uint32_t v = 0;
-  m.read(off, reinterpret_cast<uint8_t*>(&v), 4);  // uint32_t storage as bytes
-  return v;
-}
 
 struct Harness {
   Harness(const testing::FakeMemory& mem, Backend& backend) : mem(mem), net(backend, Net::stableMac("fuzz"), nullptr), mmio(net, mem.map, nullptr, nullptr) {}

@@ -14,7 +14,7 @@ src="hypervisor/devices/virtio"
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(queue blk mmio vsock net)
 command -v clang++ >/dev/null || { echo "fuzz: clang++ not found (scripts/setup.sh installs clang and libclang-rt-14-dev)" >&2; exit 1; }
-key="$(cat "$src"/*.h "$src"/*.cc "$src"/test/*.h "$src"/fuzz/*.cc | sha256sum | cut -c1-16)"
+key="$(cat "$src"/*.h "$src"/*.cc "$src"/test/*.h "$src"/fuzz/*.h "$src"/fuzz/*.cc | sha256sum | cut -c1-16)"
 bin="$out/bin-$key"
 find "$out" -maxdepth 1 -name 'bin-*' ! -name "bin-$key" -exec rm -rf {} + 2>/dev/null || true
 mkdir -p "$bin/obj" "$out/crashes"

@@ -13,10 +13,12 @@
 #include <memory>
 
 #include "devices/virtio/mmio.h"
+#include "devices/virtio/fuzz/input.h"
 #include "devices/virtio/test/driver.h"
 #include "devices/virtio/vsock.h"
 
 using namespace skiff::virtio;
+using namespace skiff::virtio::fuzzing;
 
 namespace {
 constexpr uint64_t kBase = 0x100000, kSize = 0x100000;
@@ -37,18 +39,6 @@ struct Host : VsockHost {
   std::map<int, std::pair<bool, bool>> interest;
 };
 
-struct Input {
-  const uint8_t* p;
-  size_t n;
-  uint8_t byte() { return n ? (--n, *p++) : 0; }
-  uint32_t u32() {
-    uint32_t v = 0;
-    for (int i = 0; i < 4; ++i) v |= uint32_t(byte()) << (8 * i);
-    return v;
-  }
-};
-
-void wr(Mmio& m, uint64_t off, uint32_t v) { m.write(off, reinterpret_cast<const uint8_t*>(&v), 4); }  // uint32_t storage as bytes
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

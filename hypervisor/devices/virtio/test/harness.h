@@ -19,6 +19,21 @@ struct Register {
   Register(const char* name, std::function<void()> fn) { tests().emplace_back(name, std::move(fn)); }
 };
 
+// Runs every registered test in order, one "ok NAME" / "FAIL NAME" line each, then the totals line
+// the ava tests look for; the program's exit status.
+inline int runAll() {
+  int passed = 0, failed = 0;
+  for (auto& [name, fn] : tests()) {
+    int before = checksFailed;
+    fn();
+    bool ok = checksFailed == before;
+    std::printf("%s %s\n", ok ? "ok" : "FAIL", name);
+    (ok ? passed : failed)++;
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
+
 }  // namespace skiff::virtio::testing
 
 #define CHECK(cond)                                                                   \

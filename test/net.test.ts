@@ -1,0 +1,243 @@
+// skiff's virtio-net behind libslirp NAT, end to end. On the QEMU engine (TCG here), real Linux
+// guests with skiff's NIC served over vhost-user: a page (and 1 MiB both ways) from an HTTP
+// server on the host's loopback through 10.0.2.2, a --publish port reaching a server in the guest,
+// DNS through 10.0.2.3, a taken --publish port, and --network none. On the native engine, the
+// ring-3 test guest (test/guests/virtio.c) finds the NIC on the slot after vsock and throws
+// register garbage and bad rings at it, as at every other device.
+import test from 'ava';
+import { execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, promises as fs } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { cachedKernel } from '../src/kernel/build.js';
+import { packageRoot } from '../src/paths.js';
+import { makeVmConfig } from '../src/vm/config.js';
+import { startNative } from '../src/vm/native.js';
+import { sha256, skiff } from './helpers.js';
+
+const root = packageRoot();
+const GUEST = path.join(root, 'test', 'guests', 'out', 'skiff-test-guest.elf');
+const MIB = 1 << 20;
+
+/** The guest tests need the default kernel; npm test builds it first, so a missing one is a failure. */
+async function requireKernel(): Promise<void> {
+  if (!(await cachedKernel())) throw new Error('the default kernel is not built: run "node dist/bundle/skiff.js kernel build"');
+}
+
+/** A loopback port nobody listens on right now. */
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise((resolve) => s.close(resolve));
+  return port;
+}
+
+const boot = (args: string[]) => skiff(['boot', '--engine', 'qemu', '--timeout', '120', ...args]);
+
+test.serial('the guest reaches an HTTP server on host loopback through 10.0.2.2: a token only the host knows, 1 MiB each way', async (t) => {
+  await requireKernel();
+  const token = `host-token-${randomBytes(8).toString('hex')}`;
+  const blob = randomBytes(MIB);
+  const uploads: string[] = [];
+  const server = http.createServer((req, res) => {
+    if (req.method === 'GET' && req.url === '/token') return res.end(token);
+    if (req.method === 'GET' && req.url === '/blob') return res.end(blob);
+    if (req.method === 'POST' && req.url === '/upload') {
+      const parts: Buffer[] = [];
+      req.on('data', (d: Buffer) => parts.push(d));
+      req.on('end', () => {
+        const body = Buffer.concat(parts);
+        uploads.push(sha256(body));
+        res.end(`uploaded ${body.length} ${sha256(body)}`);
+      });
+      return;
+    }
+    res.statusCode = 404;
+    res.end();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  const script = [
+    `echo "token $(wget -qO- http://10.0.2.2:${port}/token)"`,
+    `wget -qO- http://10.0.2.2:${port}/blob | sha256sum | sed 's/^/blob /'`,
+    // Text: busybox wget sends --post-file as a C string, so a NUL byte would end it.
+    `head -c ${(MIB / 4) * 3} /dev/urandom | base64 -w0 > /tmp/up && sha256sum /tmp/up | sed 's/^/up /'`,
+    `echo "reply $(wget -qO- --post-file=/tmp/up http://10.0.2.2:${port}/upload)"`,
+    `echo "mac $(cat /sys/class/net/eth0/address)"`,
+    `echo "addr $(ip -4 -o addr show eth0 | awk '{print $4}')"`,
+  ].join('; ');
+  const r = await boot(['--network', 'nat', '--', 'sh', '-c', script]);
+  server.close();
+  t.is(r.code, 0, r.stdout + r.stderr);
+  t.regex(r.stdout, new RegExp(`^token ${token}\\r?$`, 'm'), r.stdout);
+  t.regex(r.stdout, new RegExp(`^blob ${sha256(blob)} `, 'm'), r.stdout);
+  const up = /^up ([0-9a-f]{64}) /m.exec(r.stdout)?.[1];
+  t.truthy(up, r.stdout);
+  t.deepEqual(uploads, [up], 'the host received exactly what the guest sent');
+  t.regex(r.stdout, new RegExp(`^reply uploaded ${MIB} ${up}\\r?$`, 'm'), r.stdout);
+  // A locally administered unicast address (Net::stableMac), and slirp's guest address.
+  t.regex(r.stdout, /^mac 02(:[0-9a-f]{2}){5}\r?$/m, r.stdout);
+  t.regex(r.stdout, /^addr 10\.0\.2\.15\/24\r?$/m, r.stdout);
+});
+
+test.serial('--publish HOSTPORT:GUESTPORT reaches a server in the guest: a guest-only token and 1 MiB back', async (t) => {
+  await requireKernel();
+  const hostPort = await freePort();
+  const token = `guest-token-${randomBytes(8).toString('hex')}`;
+  // The guest's server: reads one line from the host, answers with the token and that line, then
+  // sends 1 MiB it made and hashed itself; nc serves one connection and exits, and so does the VM.
+  const script = [
+    `head -c ${MIB} /dev/urandom > /tmp/blob`,
+    `sha256sum /tmp/blob | sed 's/^/blob /'`,
+    `printf '#!/bin/sh\\nread line\\necho "${token} $line"\\ncat /tmp/blob\\n' > /tmp/serve && chmod +x /tmp/serve`,
+    'nc -l -p 7000 -e /tmp/serve',
+    'echo served',
+  ].join('; ');
+  const child = spawn(process.execPath, [path.join(root, 'dist', 'bundle', 'skiff.js'), 'boot', '--engine', 'qemu', '--timeout', '120', '--publish', `${hostPort}:7000`, '--', 'sh', '-c', script], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const ended = new Promise<number | null>((resolve) => child.on('close', resolve));
+  let done = false;
+  void ended.then(() => (done = true));
+  // Until the guest listens, slirp accepts the host's connection and then closes it (the guest
+  // answered its SYN with RST): connect again until bytes come back.
+  let got: Buffer = Buffer.alloc(0);
+  for (let attempt = 0; attempt < 600 && !done && got.length === 0; attempt++) {
+    got = await new Promise<Buffer>((resolve) => {
+      const sock = net.connect(hostPort, '127.0.0.1');
+      const parts: Buffer[] = [];
+      sock.on('connect', () => sock.write('hello-from-host\n'));
+      sock.on('data', (d: Buffer) => parts.push(d));
+      sock.on('error', () => resolve(Buffer.alloc(0)));
+      sock.on('close', () => resolve(Buffer.concat(parts)));
+    });
+    if (got.length === 0) await new Promise((r) => setTimeout(r, 200));
+  }
+  const code = await ended;
+  t.is(code, 0, stdout + stderr);
+  const nl = got.indexOf('\n');
+  t.is(got.subarray(0, nl).toString(), `${token} hello-from-host`, stdout + stderr);
+  const fromGuest = got.subarray(nl + 1);
+  t.is(fromGuest.length, MIB);
+  t.regex(stdout, new RegExp(`^blob ${sha256(fromGuest)} `, 'm'), stdout);
+  t.regex(stdout, /^served\r?$/m, stdout);
+});
+
+// slirp answers 10.0.2.3 by asking the host's own resolver: that needs a name the host can resolve
+// through DNS. This machine has no internet, only the package mirrors' names, so the test uses
+// the first of these the host resolves, and is skipped (saying so) where it resolves none.
+const DNS_CANDIDATES = ['deb.debian.org', 'registry.npmjs.org', 'example.com'];
+// ava wants every test declared synchronously: ask the host's resolver (DNS, as slirp will) in a
+// child process.
+const resolved = JSON.parse(
+  execFileSync(process.execPath, ['-e', `
+    const dns = require('node:dns');
+    (async () => {
+      for (const name of ${JSON.stringify(DNS_CANDIDATES)}) {
+        const addrs = await dns.promises.resolve4(name).catch(() => []);
+        if (addrs.length > 0) return console.log(JSON.stringify({ name, addrs }));
+      }
+      console.log('{}');
+    })();`], { encoding: 'utf8', timeout: 20000 }),
+) as { name?: string; addrs?: string[] };
+const dnsName = resolved.name;
+const dnsAddresses = resolved.addrs ?? [];
+(dnsName ? test.serial : test.serial.skip)(`DNS through 10.0.2.3 (${dnsName ?? `skipped: the host resolves none of ${DNS_CANDIDATES.join(', ')}`})`, async (t) => {
+  await requireKernel();
+  const r = await boot(['--network', 'nat', '--', 'sh', '-c', `cat /etc/resolv.conf; nslookup ${dnsName}`]);
+  t.is(r.code, 0, r.stdout + r.stderr);
+  t.regex(r.stdout, /^nameserver 10\.0\.2\.3\r?$/m, r.stdout);
+  t.regex(r.stdout, /^Server:\s+10\.0\.2\.3\r?$/m, r.stdout);
+  const answered = [...r.stdout.matchAll(/^Address: (\d+\.\d+\.\d+\.\d+)\r?$/gm)].map((m) => m[1]);
+  t.true(answered.length > 0 && answered.every((a) => dnsAddresses.includes(a)), `guest: ${answered.join(' ')}; host: ${dnsAddresses.join(' ')}\n${r.stdout}`);
+});
+
+test.serial('a --publish host port that is taken: one-line error, exit 125, on both engines', async (t) => {
+  const holder = net.createServer();
+  await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+  const port = (holder.address() as net.AddressInfo).port;
+  try {
+    for (const engine of ['qemu', 'native']) {
+      const r = await skiff(['boot', '--engine', engine, '--publish', `${port}:80`, '--', 'true']);
+      t.is(r.code, 125, `${engine}: ${r.stdout}${r.stderr}`);
+      t.is(r.stderr.trim().split('\n').length, 1, `${engine}: ${r.stderr}`);
+      t.regex(r.stderr.trim(), new RegExp(`^skiff: .*--publish ${port}:80: cannot listen on 127\\.0\\.0\\.1:${port} \\(Address already in use\\)$`), `${engine}: ${r.stderr}`);
+    }
+  } finally {
+    holder.close();
+  }
+});
+
+test.serial('--network none: the guest has no eth0; nat: it has one', async (t) => {
+  await requireKernel();
+  const none = await boot(['--network', 'none', '--', 'ls', '/sys/class/net']);
+  t.is(none.code, 0, none.stdout + none.stderr);
+  t.regex(none.stdout, /\blo\b/, none.stdout);
+  t.notRegex(none.stdout, /\beth0\b/, none.stdout);
+  const nat = await boot(['--network', 'nat', '--', 'ls', '/sys/class/net']);
+  t.is(nat.code, 0, nat.stdout + nat.stderr);
+  t.regex(nat.stdout, /\beth0\b/, nat.stdout);
+});
+
+// ---- the native engine, with the ring-3 test guest ----
+
+const guestSays = (stdout: string) => stdout.split(/\r?\n/).filter((l) => l.startsWith('guest: ')).map((l) => l.slice(7));
+const nativeBoot = (testName: string, extra: string[]) => skiff(['boot', '--engine', 'native', '--kernel', GUEST, '--memory', '32', '--timeout', '60', '--cmdline', `skiff.test=${testName}`, ...extra]);
+
+test.serial('native: with --network nat the NIC is on the slot after rng and vsock, and the others still work', async (t) => {
+  if (!existsSync('/dev/kvm') || !existsSync(GUEST)) return t.fail('needs /dev/kvm and test/guests/out (npm run build:guests)');
+  const r = await nativeBoot('virtio-rng', ['--network', 'nat']);
+  t.is(r.code, 0, r.stdout + r.stderr);
+  const lines = guestSays(r.stdout);
+  t.true(lines.includes('virtio devices=3'), r.stdout);
+  // rng at slot 0, vsock at 1, net at 2 (0xd0000400, IO-APIC pin 18).
+  t.true(lines.some((l) => l.startsWith('virtio-rng read=64+64 nonzero=1 differ=1')), r.stdout);
+  t.true(lines.includes('virtio ok'), r.stdout);
+  t.true(lines.some((l) => l.startsWith('virtio irqs slot=0xd0000400 ')), r.stdout);
+  const without = await nativeBoot('virtio-rng', []);
+  t.true(guestSays(without.stdout).includes('virtio devices=2'), without.stdout);
+});
+
+test.serial('native: a hostile guest fails the NIC like any other device; the VMM stays up', async (t) => {
+  if (!existsSync('/dev/kvm') || !existsSync(GUEST)) return t.fail('needs /dev/kvm and test/guests/out (npm run build:guests)');
+  const r = await nativeBoot('virtio-hostile', ['--publish', `${await freePort()}:80`]);
+  t.is(r.code, 0, r.stdout + r.stderr);
+  const lines = guestSays(r.stdout);
+  t.true(lines.some((l) => /^virtio-hostile devices=3 failed=[1-3]$/.test(l)), r.stdout);
+  t.true(lines.includes('virtio-hostile rng-after-reset=ok'), r.stdout);
+  // At most one line per device; any line about the NIC names its slot.
+  const failed = r.stderr.split('\n').filter((l) => /^skiff: virtio-mmio at 0x[0-9a-f]+: .*device failed/.test(l));
+  const slots = failed.map((l) => l.split(':')[1]);
+  t.is(new Set(slots).size, slots.length, r.stderr);
+});
+
+test.serial('native: a NIC takes a virtio-mmio slot, so 6 disks fit without a network and not with one', async (t) => {
+  if (!existsSync(GUEST)) return t.fail('needs test/guests/out (npm run build:guests)');
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-net-disks-'));
+  try {
+    const disks = [];
+    for (let i = 0; i < 6; i++) {
+      const file = path.join(dir, `d${i}.img`);
+      await fs.writeFile(file, Buffer.alloc(4096));
+      disks.push({ path: file });
+    }
+    const config = await makeVmConfig({ kernel: GUEST, disks, network: 'nat', publish: [{ hostPort: await freePort(), guestPort: 80, protocol: 'tcp' }] });
+    await t.throwsAsync(startNative(config), {
+      message: 'the native engine takes at most 5 disks with --network nat (8 virtio-mmio slots, one each for rng, vsock and net), got 6',
+    });
+    // Without a network the same six fit: the guest finds rng, six disks and vsock.
+    const r = await skiff(['boot', '--engine', 'native', '--kernel', GUEST, '--memory', '32', '--timeout', '60', '--cmdline', 'skiff.test=virtio-rng', ...disks.flatMap((d) => ['--disk', d.path])]);
+    t.is(r.code, 0, r.stdout + r.stderr);
+    t.true(guestSays(r.stdout).includes('virtio devices=8'), r.stdout);
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+});
