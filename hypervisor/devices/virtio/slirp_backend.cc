@@ -204,8 +204,34 @@ SlirpBackend::~SlirpBackend() {
     loop_.remove(timerFd_);
     ::close(timerFd_);
   }
+  drainToHost(kDrainMs, kDrainIdleMs);
   slirp_cleanup(slirp_);  // closes its sockets, unwatching each (unregister_poll_fd)
   for (auto& w : watched_) loop_.remove(w.first);
+}
+
+bool SlirpBackend::drainToHost(int64_t budgetMs, int64_t idleMs) {
+  // libslirp asks for POLLOUT on a host socket while its send buffer holds bytes it has already
+  // acknowledged to the guest (or while a connect is in progress). Without the guest nothing new
+  // arrives; keep writing until those buffers are empty, the budget is spent, or no socket took
+  // a byte for idleMs (a reader that stopped reading, a connect that hangs).
+  int64_t now = nowNs() / 1000000;
+  int64_t end = now + budgetMs, idleEnd = now + idleMs;
+  for (;;) {
+    fill_.clear();
+    uint32_t timeoutMs = UINT32_MAX;
+    slirp_pollfds_fill(slirp_, &timeoutMs, Callbacks::addPoll, this);
+    // Only output is polled: reading more from the host now would fill buffers nobody empties.
+    std::vector<pollfd> fds;
+    for (const PollFd& p : fill_) fds.push_back({p.fd, short(p.events & POLLOUT), 0});
+    if (std::none_of(fds.begin(), fds.end(), [](const pollfd& p) { return p.events != 0; })) return true;
+    now = nowNs() / 1000000;
+    int64_t wait = std::min({end, idleEnd, now + 50}) - now;  // 50: slirp's TCP timers keep running
+    if (now >= end || now >= idleEnd) return false;
+    int n = ::poll(fds.data(), fds.size(), int(wait));
+    if (n > 0) idleEnd = nowNs() / 1000000 + idleMs;
+    for (size_t i = 0; i < fill_.size(); ++i) fill_[i].revents = n > 0 ? fds[i].revents : 0;
+    slirp_pollfds_poll(slirp_, n < 0 ? 1 : 0, Callbacks::getRevents, this);
+  }
 }
 
 void SlirpBackend::send(const uint8_t* frame, size_t len) {

@@ -70,6 +70,14 @@ class SlirpBackend final : public NetBackend {
   // Guest misbehaviour libslirp reported (the first is logged).
   uint64_t guestErrors() const { return guestErrors_; }
 
+  // What the destructor gives drainToHost: bytes the guest sent just before it stopped (slirp has
+  // acknowledged them, so the guest counts them as sent) still reach the host program, unless it
+  // stops reading for kDrainIdleMs or the whole drain takes kDrainMs.
+  static constexpr int64_t kDrainMs = 5000, kDrainIdleMs = 500;
+  // Writes what libslirp still holds for host sockets, without the loop, until nothing is left
+  // (true) or it gives up (false). For shutdown: the guest is gone or stopped.
+  bool drainToHost(int64_t budgetMs, int64_t idleMs);
+
  private:
   struct Timer;
   struct Callbacks;
