@@ -89,11 +89,14 @@ test.serial('--publish HOSTPORT:GUESTPORT reaches a server in the guest: a guest
   const hostPort = await freePort();
   const token = `guest-token-${randomBytes(8).toString('hex')}`;
   // The guest's server: reads one line from the host, answers with the token and that line, then
-  // sends 1 MiB it made and hashed itself; nc serves one connection and exits, and so does the VM.
+  // sends 1 MiB it made and hashed itself, and waits for the host to say it has it all: without
+  // that wait the VM powers off while the guest kernel still holds unsent bytes of a socket it
+  // closed (as a real machine would lose them). nc serves one connection and exits, and so does
+  // the VM.
   const script = [
     `head -c ${MIB} /dev/urandom > /tmp/blob`,
     `sha256sum /tmp/blob | sed 's/^/blob /'`,
-    `printf '#!/bin/sh\\nread line\\necho "${token} $line"\\ncat /tmp/blob\\n' > /tmp/serve && chmod +x /tmp/serve`,
+    `printf '#!/bin/sh\\nread line\\necho "${token} $line"\\ncat /tmp/blob\\nread ack\\n' > /tmp/serve && chmod +x /tmp/serve`,
     'nc -l -p 7000 -e /tmp/serve',
     'echo served',
   ].join('; ');
@@ -114,8 +117,18 @@ test.serial('--publish HOSTPORT:GUESTPORT reaches a server in the guest: a guest
     got = await new Promise<Buffer>((resolve) => {
       const sock = net.connect(hostPort, '127.0.0.1');
       const parts: Buffer[] = [];
+      let acked = false;
       sock.on('connect', () => sock.write('hello-from-host\n'));
-      sock.on('data', (d: Buffer) => parts.push(d));
+      sock.on('data', (d: Buffer) => {
+        parts.push(d);
+        // The token line and 1 MiB: tell the guest it may stop.
+        const all = Buffer.concat(parts);
+        const nl = all.indexOf('\n');
+        if (!acked && nl >= 0 && all.length >= nl + 1 + MIB) {
+          acked = true;
+          sock.write('ack\n');
+        }
+      });
       sock.on('error', () => resolve(Buffer.alloc(0)));
       sock.on('close', () => resolve(Buffer.concat(parts)));
     });
