@@ -21,7 +21,6 @@
 //   --workload TEXT: only the cpu/net workloads whose label contains TEXT (e.g. "host → guest")
 import { execFile, spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
-import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -187,8 +186,12 @@ async function initrdWithTool(scratch: string, base: string): Promise<string> {
   const bin = path.join(scratch, 'vsock-bench');
   await fs.writeFile(src, TOOL);
   await execFileP('gcc', ['-static', '-O2', src, '-o', bin]);
+  // The tests' guest tool: its tcp-send/tcp-recv modes are the net workloads' guest side.
+  const tool = path.join(scratch, 'vsock-tool');
+  await execFileP('gcc', ['-static', '-O2', '-Wall', '-Werror', path.join(packageRoot(), 'test', 'guests', 'vsock-tool.c'), '-o', tool]);
   const cpio = new CpioWriter();
   cpio.file('bin/vsock-bench', await fs.readFile(bin), { mode: 0o755 });
+  cpio.file('bin/vsock-tool', await fs.readFile(tool), { mode: 0o755 });
   await cpio.writeTo(path.join(scratch, 'extra.cpio'));
   const out = path.join(scratch, 'initrd.cpio');
   await fs.writeFile(out, Buffer.concat([await fs.readFile(base), await fs.readFile(path.join(scratch, 'extra.cpio'))]));
@@ -302,39 +305,31 @@ function vsockReceive(m: QemuMachine, port: number, got: (n: number) => void): P
 }
 
 // virtio-net through libslirp: skiff-init gives eth0 10.0.2.15/24; the guest reaches the host's
-// loopback at 10.0.2.2 (slirp's gateway).
+// loopback at 10.0.2.2 (slirp's gateway). The guest side is vsock-tool's tcp-send/tcp-recv, which
+// write and read 256 KiB at a time (busybox nc writes 1 KiB, wget reads 4 KiB: they measured the
+// guest's small calls more than the NIC).
 
-/** A loopback HTTP server: GET /big sends `bytes`; PUT/POST bodies are counted. */
-async function httpServer(bytes: number): Promise<{ port: number; uploaded: () => number; close: () => void }> {
-  let uploaded = 0;
+/** A loopback TCP server for one connection: it sends `bytes` (1 MiB writes) and closes, or, with
+ *  bytes 0, counts what the peer sends until EOF. */
+async function tcpPeer(bytes: number): Promise<{ port: number; received: Promise<number>; close: () => void }> {
+  let got = 0;
+  let done!: (n: number) => void;
+  const received = new Promise<number>((r) => (done = r));
   const block = Buffer.alloc(MiB, 0x6e);
-  const server = http.createServer((req, res) => {
-    if (req.method === 'GET') {
-      res.writeHead(200, { 'content-length': String(bytes) });
+  const server = net.createServer((c) => {
+    c.on('error', () => done(-1));
+    if (bytes > 0) {
       let left = bytes / MiB;
       const pump = () => {
         while (left > 0) {
           left--;
-          if (!res.write(block)) return void res.once('drain', pump);
+          if (!c.write(block)) return void c.once('drain', pump);
         }
-        res.end();
+        c.end(() => done(0));
       };
       pump();
       return;
     }
-    req.on('data', (d: Buffer) => (uploaded += d.length));
-    req.on('end', () => res.end('ok\n'));
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return { port: (server.address() as net.AddressInfo).port, uploaded: () => uploaded, close: () => server.close() };
-}
-
-/** A loopback TCP sink for the guest's `nc` upload. */
-async function tcpSink(): Promise<{ port: number; received: Promise<number>; close: () => void }> {
-  let got = 0;
-  let done!: (n: number) => void;
-  const received = new Promise<number>((r) => (done = r));
-  const server = net.createServer((c) => {
     c.on('data', (d: Buffer) => (got += d.length));
     c.on('end', () => {
       c.end();
@@ -451,25 +446,26 @@ async function main(): Promise<void> {
       });
     }
     if (parts.has('net')) {
-      add(`virtio-net + slirp, guest downloads ${netMiB} MiB (busybox wget from a host loopback HTTP server)`, netBytes, async () => {
-        const server = await httpServer(netBytes);
+      add(`virtio-net + slirp, guest downloads ${netMiB} MiB (vsock-tool tcp-recv, 256 KiB reads, from a host loopback socket)`, netBytes, async () => {
+        const peer = await tcpPeer(netBytes);
         try {
-          const r = await boot(await cfg(marked(`wget -q -O - http://10.0.2.2:${server.port}/big | wc -c`), { disks: false, network: true }));
-          if (!new RegExp(`\\b${netBytes}\\b`).test(r.out)) throw new Error(`net download did not move ${netBytes} bytes:\n${r.out.slice(-1500)}`);
+          const r = await boot(await cfg(marked(`vsock-tool tcp-recv 10.0.2.2 ${peer.port}`), { disks: false, network: true }));
+          const received = Number(/received (\d+)/.exec(r.out)?.[1] ?? -1);
+          if (received !== netBytes) throw new Error(`net download moved ${received} bytes, expected ${netBytes}:\n${r.out.slice(-1500)}`);
           return r;
         } finally {
-          server.close();
+          peer.close();
         }
       });
-      add(`virtio-net + slirp, guest uploads ${netMiB} MiB (busybox nc to a host loopback socket)`, netBytes, async () => {
-        const sink = await tcpSink();
+      add(`virtio-net + slirp, guest uploads ${netMiB} MiB (vsock-tool tcp-send, 256 KiB writes, to a host loopback socket)`, netBytes, async () => {
+        const peer = await tcpPeer(0);
         try {
-          const r = await boot(await cfg(marked(`dd if=/dev/zero bs=1M count=${netMiB} 2>/dev/null | nc 10.0.2.2 ${sink.port}`), { disks: false, network: true }));
-          const got = await sink.received;
+          const r = await boot(await cfg(marked(`vsock-tool tcp-send 10.0.2.2 ${peer.port} ${netBytes}`), { disks: false, network: true }));
+          const got = await peer.received;
           if (got !== netBytes) throw new Error(`net upload moved ${got} bytes, expected ${netBytes}`);
           return r;
         } finally {
-          sink.close();
+          peer.close();
         }
       });
     }

@@ -5,8 +5,17 @@
  *
  *   vsock-tool listen PORT          accept one connection, echo it until EOF
  *   vsock-tool connect CID PORT MSG send MSG, shut down writing, print "reply: " and what comes back
+ *
+ * And the guest half of the virtio-net benchmark (bench/devices.ts), over TCP: busybox's nc
+ * writes 1 KiB at a time, so it measures the guest's tiny writes rather than the NIC. These move
+ * data in large blocks (256 KiB unless BLOCK says otherwise):
+ *   vsock-tool tcp-send IP PORT BYTES [BLOCK]  connect, send BYTES, shut down writing, wait for
+ *                                              the peer's EOF; print "sent BYTES"
+ *   vsock-tool tcp-recv IP PORT [BLOCK]        connect, read until EOF; print "received N"
  */
+#include <arpa/inet.h>
 #include <linux/vm_sockets.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,9 +39,68 @@ static void write_all(int fd, const char *p, size_t n)
     }
 }
 
+/* A TCP connection to IP:PORT, retried for ~10 s while the host's listener is not up yet. */
+static int tcp_connect(const char *ip, const char *port)
+{
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(port)) };
+    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1)
+        die("address");
+    for (int i = 0;; i++) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0)
+            die("socket");
+        if (connect(s, (struct sockaddr *)&a, sizeof a) == 0)
+            return s;
+        if (i == 100)
+            die("connect");
+        close(s);
+        usleep(100000);
+    }
+}
+
+static int tcp(int argc, char **argv)
+{
+    int sending = !strcmp(argv[1], "tcp-send");
+    if (argc < (sending ? 5 : 4))
+        return 2;
+    const char *block_arg = argc > (sending ? 5 : 4) ? argv[sending ? 5 : 4] : NULL;
+    size_t block = block_arg ? strtoull(block_arg, NULL, 10) : 256 * 1024;
+    char *buf = block ? malloc(block) : NULL;
+    if (buf == NULL)
+        die("block");
+    int s = tcp_connect(argv[2], argv[3]);
+    if (sending) {
+        unsigned long long left = strtoull(argv[4], NULL, 10), total = left;
+        memset(buf, 'x', block);
+        while (left > 0) {
+            size_t n = left < block ? (size_t)left : block;
+            write_all(s, buf, n);
+            left -= n;
+        }
+        /* Wait for the host's EOF, which it sends once it has read ours: only then is every byte
+         * out of this guest's socket (a guest that powers off sooner may still hold some). */
+        if (shutdown(s, SHUT_WR))
+            die("shutdown");
+        while (read(s, buf, block) > 0) {
+        }
+        printf("sent %llu\n", total);
+        return 0;
+    }
+    unsigned long long total = 0;
+    ssize_t n;
+    while ((n = read(s, buf, block)) > 0)
+        total += (unsigned long long)n;
+    if (n < 0)
+        die("read");
+    printf("received %llu\n", total);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static char buf[65536];
+    if (argc >= 2 && !strncmp(argv[1], "tcp-", 4))
+        return tcp(argc, argv);
     struct sockaddr_vm a = { .svm_family = AF_VSOCK };
     if (argc < 3)
         return 2;
