@@ -1,13 +1,15 @@
 // Runs one machine from the command line with the plain C++ core, no Node: for debugging and for
 // the sanitizer test (test/native-asan.test.ts builds this with ASan and UBSan).
 //   vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] [--rng] [--disk=FILE[,ro]]...
-//           [--vsock=DIR] KERNEL [CMDLINE] [CPUS] [INITRD]
+//           [--vsock=DIR] [--net] [--publish=HOST:GUEST[/udp]]... KERNEL [CMDLINE] [CPUS] [INITRD]
 // --stdin: stdin is the guest's console input, read on the machine's event loop.
 // --doorbell-test: attach the doorbell test device (devices/doorbell_test.h).
 // --emulate-doorbells, --emulate-irqs: the VMM does doorbells (interrupt lines) even where the
 // backend could.
 // --rng, --disk=FILE[,ro] (repeatable; serial skiff-disk-N), --vsock=DIR: skiff's virtio devices
 // (vmm/virtio_devices.h); DIR is where vsock's Unix sockets go.
+// --net: virtio-net behind libslirp (a build with -DSKIFF_SLIRP -lslirp), MAC
+// Net::stableMac("vmm-run"); --publish=HOST:GUEST[/udp] (repeatable) implies it.
 // Prints the console, then one line: "[result kind=K status=S detail=D events=E]".
 #include <unistd.h>
 
@@ -17,8 +19,31 @@
 #include <string>
 
 #include "devices/doorbell_test.h"
+#include "devices/virtio/net.h"
 #include "vmm/machine.h"
 #include "vmm/virtio_devices.h"
+
+namespace {
+
+const char kUsage[] = "usage: vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] [--rng] [--disk=FILE[,ro]]... [--vsock=DIR] [--net] [--publish=HOST:GUEST[/udp]]... KERNEL [CMDLINE] [CPUS] [INITRD]\n";
+
+// "HOST:GUEST" or "HOST:GUEST/udp", ports 1-65535; false if it is not that.
+bool parseForward(std::string s, skiff::VirtioNet::Forward& out) {
+  out.udp = s.size() > 4 && s.compare(s.size() - 4, 4, "/udp") == 0;
+  if (out.udp) s.resize(s.size() - 4);
+  size_t colon = s.find(':');
+  if (colon == std::string::npos) return false;
+  auto port = [](const std::string& p, uint16_t& v) {
+    if (p.empty() || p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos) return false;
+    unsigned long n = std::strtoul(p.c_str(), nullptr, 10);
+    if (n < 1 || n > 65535) return false;
+    v = static_cast<uint16_t>(n);
+    return true;
+  };
+  return port(s.substr(0, colon), out.hostPort) && port(s.substr(colon + 1), out.guestPort);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   skiff::MachineConfig config;
@@ -31,6 +56,16 @@ int main(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--emulate-irqs") == 0) config.emulateInterruptLines = true;
     else if (std::strcmp(argv[i], "--rng") == 0) virtio.rng = true;
     else if (std::strncmp(argv[i], "--vsock=", 8) == 0) virtio.vsockDir = argv[i] + 8;
+    else if (std::strcmp(argv[i], "--net") == 0) virtio.net.enabled = true;
+    else if (std::strncmp(argv[i], "--publish=", 10) == 0) {
+      skiff::VirtioNet::Forward f;
+      if (!parseForward(argv[i] + 10, f)) {
+        std::fprintf(stderr, "vmm-run: %s: expected --publish=HOST:GUEST or HOST:GUEST/udp, ports 1-65535\n", argv[i]);
+        return 2;
+      }
+      virtio.net.enabled = true;
+      virtio.net.forwards.push_back(f);
+    }
     else if (std::strncmp(argv[i], "--disk=", 7) == 0) {
       std::string spec = argv[i] + 7;
       bool ro = spec.size() > 3 && spec.compare(spec.size() - 3, 3, ",ro") == 0;
@@ -40,10 +75,11 @@ int main(int argc, char** argv) {
     else break;
   }
   if (i >= argc) {
-    std::fprintf(stderr, "usage: vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] [--rng] [--disk=FILE[,ro]]... [--vsock=DIR] KERNEL [CMDLINE] [CPUS] [INITRD]\n");
+    std::fprintf(stderr, "%s", kUsage);
     return 2;
   }
-  if (virtio.rng || !virtio.disks.empty() || !virtio.vsockDir.empty()) config.devices.push_back(skiff::attachVirtio(virtio));
+  if (virtio.net.enabled) virtio.net.mac = skiff::virtio::Net::stableMac("vmm-run");
+  if (virtio.rng || !virtio.disks.empty() || !virtio.vsockDir.empty() || virtio.net.enabled) config.devices.push_back(skiff::attachVirtio(virtio));
   config.kernelPath = argv[i];
   config.cmdline = argc > i + 1 ? argv[i + 1] : "";
   config.cpus = argc > i + 2 ? static_cast<uint32_t>(std::atoi(argv[i + 2])) : 1;
