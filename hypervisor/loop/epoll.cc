@@ -60,6 +60,16 @@ class EpollLoop final : public EventLoop {
     handlers_[key] = std::make_shared<Handler>(std::move(handler));
   }
 
+  void modify(IoHandle h, uint32_t events) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = keys_.find(h);
+    if (it == keys_.end()) throw HypervisorError("event loop: modify of handle " + std::to_string(h) + ", which is not added");
+    epoll_event ev{};
+    ev.events = toEpoll(events);
+    ev.data.u64 = it->second;
+    if (epoll_ctl(epoll_, EPOLL_CTL_MOD, h, &ev) < 0) fail("epoll_ctl(EPOLL_CTL_MOD)");
+  }
+
   void remove(IoHandle h) override {
     if (!onLoopThread()) {
       // Through the loop thread, so that when this returns the handler is not running.

@@ -4,7 +4,7 @@
 //
 // Threading contract:
 // - Handlers and tasks run on the loop thread, one at a time, in the order their events arrive.
-// - add, remove and post may be called from any thread, including from a handler.
+// - add, modify, remove and post may be called from any thread, including from a handler.
 // - When remove(h) returns, h's handler is not running and will never run again, so whatever it
 //   captured may be freed. From the loop thread this holds at once (even for events already
 //   collected in the same wait); from another thread remove waits for the loop to acknowledge.
@@ -63,6 +63,11 @@ class EventLoop {
   // (level-triggered: a handler that leaves data unread is called again). Throws if `h` is
   // already added or the OS refuses it.
   virtual void add(IoHandle h, uint32_t events, Handler handler) = 0;
+  // Changes the events an added handle is watched for, keeping its handler: one system call
+  // (epoll_ctl MOD) where remove + add make two, plus the handler's bookkeeping. Events already
+  // collected under the old set may still reach the handler. Throws if `h` is not added (or was
+  // closed, so the OS forgot it) or the OS refuses.
+  virtual void modify(IoHandle h, uint32_t events) = 0;
   // See the contract above. Removing a handle that is not there does nothing.
   virtual void remove(IoHandle h) = 0;
   // Runs task on the loop thread soon. False (and the task is dropped) once the loop stopped.

@@ -287,22 +287,44 @@ void SlirpBackend::update() {
   uint32_t timeoutMs = UINT32_MAX;
   slirp_pollfds_fill(slirp_, &timeoutMs, Callbacks::addPoll, this);
 
-  std::map<int, uint32_t> want;
+  // What libslirp wants now, per descriptor (a handful; a descriptor may appear more than once).
+  want_.clear();
   for (const PollFd& p : fill_) {
     uint32_t ev = ((p.events & (POLLIN | POLLPRI)) ? kReadable : 0u) | ((p.events & POLLOUT) ? kWritable : 0u);
-    if (ev != 0) want[p.fd] |= ev;
+    if (ev == 0) continue;
+    auto same = std::find_if(want_.begin(), want_.end(), [&](const std::pair<int, uint32_t>& w) { return w.first == p.fd; });
+    if (same != want_.end()) {
+      same->second |= ev;
+    } else {
+      want_.emplace_back(p.fd, ev);
+    }
   }
   for (auto it = watched_.begin(); it != watched_.end();) {
-    auto w = want.find(it->first);
-    if (w == want.end() || w->second != it->second) {
+    bool wanted = std::any_of(want_.begin(), want_.end(), [&](const std::pair<int, uint32_t>& w) { return w.first == it->first; });
+    if (!wanted) {
       loop_.remove(it->first);
       it = watched_.erase(it);
     } else {
       ++it;
     }
   }
-  for (const auto& [fd, ev] : want) {
-    if (watched_.count(fd)) continue;
+  // A changed interest is one epoll_ctl(MOD): a socket's POLLOUT comes and goes with every burst
+  // the host is slow to take, and remove + add cost two calls and the loop's bookkeeping.
+  for (const auto& [fd, ev] : want_) {
+    auto w = watched_.find(fd);
+    if (w != watched_.end()) {
+      if (w->second == ev) continue;
+      try {
+        loop_.modify(fd, ev);
+        w->second = ev;
+        continue;
+      } catch (const std::exception&) {
+        // The OS no longer knows the descriptor: libslirp closed a socket without unregistering
+        // it, and the number came back. A fresh registration below.
+        loop_.remove(fd);
+        watched_.erase(w);
+      }
+    }
     loop_.add(fd, ev, [this](uint32_t) {
       pollOnce();
       update();

@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "devices/virtio/net.h"
@@ -98,6 +99,7 @@ class SlirpBackend final : public NetBackend {
   int timerFd_ = -1;
   int64_t armedMs_ = INT64_MAX;  // the timerfd's deadline (CLOCK_MONOTONIC ms); INT64_MAX: none
   std::map<int, uint32_t> watched_;  // fd -> IoEvent bits registered with the loop
+  std::vector<std::pair<int, uint32_t>> want_;  // update()'s scratch: fd -> IoEvent bits libslirp asks for
   struct PollFd {
     int fd;
     short events, revents;

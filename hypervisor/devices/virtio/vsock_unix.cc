@@ -88,17 +88,32 @@ void UnixVsockHost::connected(int fd, bool accepted) {
 }
 
 void UnixVsockHost::watch(int fd, bool readable, bool writable) {
+  uint32_t events = (readable ? kReadable : 0u) | (writable ? kWritable : 0u);
   uint64_t gen;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    gen = nextGen_++;
-    gen_[fd] = gen;
+    // The same socket keeps its generation until unwatch: a change of interest is then a modify
+    // of the loop's registration rather than a remove and a fresh add.
+    auto it = gen_.find(fd);
+    gen = it != gen_.end() ? it->second : (gen_[fd] = nextGen_++);
   }
-  auto apply = [this, fd, gen, readable, writable] {
-    if (!current(fd, gen)) return;
-    loop_.remove(fd);
-    uint32_t events = (readable ? kReadable : 0u) | (writable ? kWritable : 0u);
-    if (events) loop_.add(fd, events, [this, fd, gen, readable, writable](uint32_t ev) { ready(fd, gen, readable, writable, ev); });
+  auto apply = [this, fd, gen, events] {
+    bool modify;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!currentLocked(fd, gen)) return;
+      auto r = registered_.find(fd);
+      modify = r != registered_.end() && r->second.gen == gen;
+      if (events) registered_[fd] = {gen, events};
+    }
+    if (!events) {  // the device unwatches instead; kept for the interface's sake
+      removeRegistration(fd);
+    } else if (modify) {
+      loop_.modify(fd, events);
+    } else {
+      loop_.remove(fd);  // a registration of an older socket with this number, if any
+      loop_.add(fd, events, [this, fd, gen](uint32_t ev) { ready(fd, gen, ev); });
+    }
   };
   if (loop_.onLoopThread()) {
     apply();
@@ -113,32 +128,51 @@ void UnixVsockHost::unwatch(int fd) {
     gen_.erase(fd);
   }
   if (loop_.onLoopThread()) {
-    loop_.remove(fd);
+    removeRegistration(fd);
     return;
   }
   // Not waiting (see the header). The descriptor is closed right after this: epoll forgets it
-  // then, and the loop's own record goes when the task runs, unless the number was watched again.
+  // then, and the loop's own record goes when the task runs, unless the number was watched again
+  // (that watch replaces the registration itself: its generation differs).
   auto task = [this, fd] {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (gen_.count(fd)) return;
     }
-    loop_.remove(fd);
+    removeRegistration(fd);
   };
-  if (!loop_.post(task)) loop_.remove(fd);  // the loop has stopped: remove no longer waits
+  if (!loop_.post(task)) removeRegistration(fd);  // the loop has stopped: remove no longer waits
 }
 
-bool UnixVsockHost::current(int fd, uint64_t gen) {
-  std::lock_guard<std::mutex> lock(mu_);
+void UnixVsockHost::removeRegistration(int fd) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    registered_.erase(fd);
+  }
+  loop_.remove(fd);
+}
+
+bool UnixVsockHost::currentLocked(int fd, uint64_t gen) const {
   auto it = gen_.find(fd);
   return it != gen_.end() && it->second == gen;
 }
 
-void UnixVsockHost::ready(int fd, uint64_t gen, bool wantRead, bool wantWrite, uint32_t ev) {
-  if (!current(fd, gen)) return;
+bool UnixVsockHost::current(int fd, uint64_t gen) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return currentLocked(fd, gen);
+}
+
+void UnixVsockHost::ready(int fd, uint64_t gen, uint32_t ev) {
+  uint32_t want;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto r = registered_.find(fd);
+    if (!currentLocked(fd, gen) || r == registered_.end() || r->second.gen != gen) return;
+    want = r->second.events;
+  }
   bool broken = (ev & (kHangup | kError)) != 0;
-  bool readable = wantRead && ((ev & kReadable) || broken);
-  bool writable = wantWrite && ((ev & kWritable) || broken);
+  bool readable = (want & kReadable) && ((ev & kReadable) || broken);
+  bool writable = (want & kWritable) && ((ev & kWritable) || broken);
   bool ran = withDevice_([&] { vsock_->hostReady(fd, readable, writable); });
   // The device is not running (failed, or being reset): its sockets would stay ready and spin the
   // level-triggered loop. It closes them on reset, which unwatches them for good.
@@ -147,7 +181,7 @@ void UnixVsockHost::ready(int fd, uint64_t gen, bool wantRead, bool wantWrite, u
       std::lock_guard<std::mutex> lock(mu_);
       gen_.erase(fd);
     }
-    loop_.remove(fd);
+    removeRegistration(fd);
   }
 }
 

@@ -11,6 +11,8 @@
 // transport's lock. From there unwatch must not wait for the loop (the loop may be waiting for
 // that lock in a handler): it posts the removal. A generation per socket keeps a late removal, or
 // a handler already collected, from acting on a newer registration of a reused descriptor number.
+// While a socket stays watched its interest changes by EventLoop::modify (one epoll_ctl), not by
+// a remove and an add.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -54,7 +56,9 @@ class UnixVsockHost final : public VsockHost {
 
  private:
   bool current(int fd, uint64_t gen);
-  void ready(int fd, uint64_t gen, bool wantRead, bool wantWrite, uint32_t ev);
+  bool currentLocked(int fd, uint64_t gen) const;  // mu_ held
+  void ready(int fd, uint64_t gen, uint32_t ev);
+  void removeRegistration(int fd);
   void acceptAll();
   void dropHandshake(int fd);
   void handshake(int fd);
@@ -68,8 +72,15 @@ class UnixVsockHost final : public VsockHost {
   int listener_ = -1;
   std::map<int, std::string> handshakes_;  // loop thread only
   std::mutex mu_;
-  std::map<int, uint64_t> gen_;
+  std::map<int, uint64_t> gen_;  // a watched socket's generation, from its first watch to unwatch
   uint64_t nextGen_ = 1;
+  // What the loop has registered for a descriptor: the generation its handler was made for and the
+  // events now asked for (which the handler reads: a modify keeps the handler).
+  struct Registration {
+    uint64_t gen;
+    uint32_t events;
+  };
+  std::map<int, Registration> registered_;
   std::map<int, uint32_t> pendingOk_;  // host-initiated streams the guest has not answered yet
 };
 

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -29,6 +30,7 @@
 #include "devices/virtio/rng.h"
 #include "devices/virtio/slirp_backend.h"
 #include "devices/virtio/vsock.h"
+#include "devices/virtio/vsock_unix.h"
 #include "devices/virtio/test/driver.h"
 #include "devices/virtio/test/harness.h"
 #include "devices/virtio/test/registers.h"
@@ -1825,6 +1827,109 @@ TEST(net_slirp_publish_reaches_the_guest) {
     threw = std::string(e.what()).find("--publish " + std::to_string(hostPort) + ":8080") != std::string::npos;
   }
   CHECK(threw);
+}
+
+// ---- the event loop's modify, and vsock's host side using it -------------------------------------
+// (Here because epoll.cc is linked only into this build; hypervisor/tools/event-loop-test.cc tests
+// the rest of the loop's contract.)
+
+// Waits (bounded) until `done` holds.
+bool eventually(const std::function<bool()>& done, int timeoutMs = 2000) {
+  auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeoutMs);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+TEST(event_loop_modify_keeps_the_handler) {
+  std::atomic<int> errors{0};
+  auto loop = skiff::EventLoop::create([&](const std::string&) { ++errors; });
+  int sv[2];
+  CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
+  std::atomic<int> calls{0}, writableCalls{0}, readableCalls{0};
+  loop->add(sv[0], skiff::kReadable, [&](uint32_t ev) {
+    ++calls;
+    if (ev & skiff::kWritable) {
+      ++writableCalls;
+      loop->modify(sv[0], skiff::kReadable);  // from the handler itself: no more writable events
+    }
+    if (ev & skiff::kReadable) {
+      ++readableCalls;
+      char c;
+      while (read(sv[0], &c, 1) == 1) {
+      }
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  CHECK(calls == 0);  // nothing to read, and writability not asked for
+  loop->modify(sv[0], skiff::kReadable | skiff::kWritable);  // from another thread
+  CHECK(eventually([&] { return writableCalls == 1; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  CHECK(writableCalls == 1 && readableCalls == 0);  // the handler's modify took effect
+  CHECK(write(sv[1], "x", 1) == 1);
+  CHECK(eventually([&] { return readableCalls == 1; }));
+  bool threw = false;
+  try {
+    loop->modify(sv[1], skiff::kReadable);  // never added
+  } catch (const std::exception&) {
+    threw = true;
+  }
+  CHECK(threw);
+  loop->remove(sv[0]);
+  loop->stop();
+  close(sv[0]);
+  close(sv[1]);
+  CHECK(errors == 0);
+}
+
+TEST(vsock_unix_host_watch_changes_keep_one_registration) {
+  std::atomic<int> errors{0};
+  auto loop = skiff::EventLoop::create([&](const std::string& m) {
+    std::fprintf(stderr, "  loop error: %s\n", m.c_str());
+    ++errors;
+  });
+  std::string dir = scratchDir + "/vsock-unix-XXXXXX";
+  CHECK(mkdtemp(&dir[0]) != nullptr);
+  UnixVsockHost host(*loop, dir);
+  Vsock vsock(kGuestCid, host);  // never activated: hostReady finds no connection and returns
+  std::atomic<int> ready{0};
+  std::atomic<int> current{-1};
+  host.start(vsock, [&](const std::function<void()>& fn) {
+    ++ready;
+    fn();
+    // What a device does once a socket took its pending bytes: only read interest is left (and
+    // nothing is readable here), so a writable socket stops calling.
+    host.watch(current, true, false);
+    return true;
+  });
+  int sv[2];
+  CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
+  current = sv[0];
+  host.watch(sv[0], true, false);  // from another thread: posted
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  CHECK(ready == 0);
+  host.watch(sv[0], true, true);  // the same socket, more interest: a modify
+  CHECK(eventually([&] { return ready == 1; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  CHECK(ready == 1);  // the handler's watch (a modify on the loop thread) took effect
+  // The socket goes; a new one gets its number: it needs a fresh registration (epoll forgot the
+  // old one at close, so a modify would fail).
+  host.unwatch(sv[0]);
+  close(sv[0]);
+  close(sv[1]);
+  CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
+  current = sv[0];
+  host.watch(sv[0], true, true);
+  CHECK(eventually([&] { return ready == 2; }));
+  host.unwatch(sv[0]);
+  loop->post([&] { host.close(); });
+  loop->stop();
+  close(sv[0]);
+  close(sv[1]);
+  rmdir(dir.c_str());
+  CHECK(errors == 0);
 }
 #endif  // SKIFF_SLIRP
 
