@@ -2,10 +2,14 @@
 // fuzz target under ASan/UBSan, then real Linux guests on the QEMU engine (TCG here) using skiff's
 // virtio-blk, virtio-rng and virtio-vsock: bytes both ways through two disks (one read-only),
 // data that survives FLUSH and a SIGKILL of skiff, /dev/hwrng, vsock echo in both directions, and
-// the device server itself built with ASan serving a guest. Three boots in all.
+// the device server itself built with ASan (and libslirp) serving a guest all four devices, the
+// NIC moving bytes both ways through 10.0.2.2 and a --publish port. Three boots in all.
 import test from 'ava';
 import { execFile, spawn } from 'node:child_process';
-import { promises as fs } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { existsSync, promises as fs } from 'node:fs';
+import { createServer } from 'node:http';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -166,17 +170,85 @@ test.serial('data written and flushed by the guest survives a SIGKILL of skiff',
   t.deepEqual(await readAt(file, 8 * 65536, PATTERN_BYTES), pattern(tag, PATTERN_BYTES));
 });
 
-test.serial('the device server built with ASan/UBSan serves a guest cleanly (blk, rng, vsock)', async (t) => {
+/** A loopback port nobody listens on right now. */
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise((resolve) => s.close(resolve));
+  return port;
+}
+
+/**
+ * Connects to 127.0.0.1:port until bytes come back (until the guest listens, slirp accepts the
+ * connection and then closes it), sends `line`, and acks once it has `bytes` after the first
+ * newline, so the guest's server may end. Gives up when `gaveUp()`.
+ */
+async function fetchPublished(port: number, line: string, bytes: number, gaveUp: () => boolean): Promise<Buffer> {
+  for (let attempt = 0; attempt < 600 && !gaveUp(); attempt++) {
+    const got = await new Promise<Buffer>((resolve) => {
+      const sock = net.connect(port, '127.0.0.1');
+      const parts: Buffer[] = [];
+      let acked = false;
+      sock.on('connect', () => sock.write(`${line}\n`));
+      sock.on('data', (d: Buffer) => {
+        parts.push(d);
+        const all = Buffer.concat(parts);
+        const nl = all.indexOf('\n');
+        if (!acked && nl >= 0 && all.length >= nl + 1 + bytes) {
+          acked = true;
+          sock.write('ack\n');
+        }
+      });
+      sock.on('error', () => resolve(Buffer.alloc(0)));
+      sock.on('close', () => resolve(Buffer.concat(parts)));
+    });
+    if (got.length > 0) return got;
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return Buffer.alloc(0);
+}
+
+// One boot with all four devices. The NIC's part (virtio-net and its libslirp backend): the guest
+// fetches a token and 512 KiB from an HTTP server on the host's loopback through 10.0.2.2, posts
+// 256 KiB back, and serves a token and 256 KiB of its own to the host through a --publish port.
+test.serial('the device server built with ASan/UBSan serves a guest cleanly (blk, rng, vsock, net with --publish)', async (t) => {
+  // virtio-net's backend needs libslirp, as the addon's (CMakeLists.txt finds it the same way).
+  if (!existsSync('/usr/include/slirp/libslirp.h')) throw new Error('libslirp-dev is not installed: the sanitizer build needs it for virtio-net (apt-get install libslirp-dev)');
   const bin = path.join(scratch, 'vhost-user-serve');
-  await execFileP('g++', [...SANITIZE, ...(await coreSources()), path.join(hv, 'transport', 'vhost_user.cc'), path.join(hv, 'transport', 'device_server.cc'), path.join(hv, 'tools', 'vhost-user-serve.cc'), '-o', bin, '-lpthread'], {
-    maxBuffer: 1 << 24,
-  });
+  const sources = [...(await coreSources()), path.join(hv, 'transport', 'vhost_user.cc'), path.join(hv, 'transport', 'device_server.cc'), path.join(hv, 'tools', 'vhost-user-serve.cc')];
+  await execFileP('g++', [...SANITIZE, '-DSKIFF_SLIRP', ...sources, '-o', bin, '-lslirp', '-lpthread'], { maxBuffer: 1 << 24 });
   await requireKernel();
   const image = await defaultImage();
   const file = await disk('asan.img', 8, { offset: 0, data: pattern('asan', 4096) });
   const dir = await fs.mkdtemp(path.join(scratch, 'vm-'));
   await fs.chmod(dir, 0o700);
-  const server = spawn(bin, [dir, '--disk', file, '--rng', '--vsock'], { stdio: ['ignore', 'pipe', 'pipe'] });
+
+  // The host's HTTP server on loopback, which the guest reaches as 10.0.2.2.
+  const token = `asan-token-${randomBytes(8).toString('hex')}`;
+  const blob = randomBytes(512 * 1024);
+  const uploads: string[] = [];
+  const http = createServer((req, res) => {
+    if (req.method === 'GET' && req.url === '/token') return res.end(token);
+    if (req.method === 'GET' && req.url === '/blob') return res.end(blob);
+    if (req.method === 'POST' && req.url === '/upload') {
+      const parts: Buffer[] = [];
+      req.on('data', (d: Buffer) => parts.push(d));
+      req.on('end', () => {
+        const body = Buffer.concat(parts);
+        uploads.push(sha256(body));
+        res.end(`uploaded ${body.length}`);
+      });
+      return;
+    }
+    res.statusCode = 404;
+    res.end();
+  });
+  await new Promise<void>((resolve) => http.listen(0, '127.0.0.1', resolve));
+  const httpPort = (http.address() as net.AddressInfo).port;
+  const hostPort = await freePort();
+
+  const server = spawn(bin, [dir, '--disk', file, '--rng', '--vsock', '--net', '--publish', `${hostPort}:7000`], { stdio: ['ignore', 'pipe', 'pipe'] });
   let serverOut = '';
   let serverErr = '';
   server.stderr.on('data', (d: Buffer) => (serverErr += d.toString()));
@@ -187,15 +259,41 @@ test.serial('the device server built with ASan/UBSan serves a guest cleanly (blk
     });
     server.on('close', () => reject(new Error(`vhost-user-serve ended: ${serverErr}`)));
   });
-  const sockets = [...serverOut.matchAll(/^(blk|rng|vsock) (\S+)$/gm)].map((m) => ({ kind: m[1], path: m[2] }));
-  t.deepEqual(sockets.map((s) => s.kind), ['blk', 'rng', 'vsock']);
-  const script = `head -c 4096 /dev/vda | sha256sum; ${guestPattern('asan-guest', PATTERN_BYTES)} | dd of=/dev/vda bs=65536 seek=4 conv=fsync 2>/dev/null; head -c 4096 /dev/hwrng | wc -c`;
+  const sockets = [...serverOut.matchAll(/^(blk|rng|vsock|net) (\S+)$/gm)].map((m) => ({ kind: m[1], path: m[2] }));
+  t.deepEqual(sockets.map((s) => s.kind), ['blk', 'rng', 'vsock', 'net']);
+  const netMac = /^net-mac ((?:[0-9a-f]{2}:){5}[0-9a-f]{2})$/m.exec(serverOut)?.[1];
+  t.truthy(netMac, serverOut);
+
+  const UP = 256 * 1024;
+  const SERVED = 256 * 1024;
+  const guestToken = `guest-token-${randomBytes(8).toString('hex')}`;
+  const script = [
+    `head -c 4096 /dev/vda | sha256sum; ${guestPattern('asan-guest', PATTERN_BYTES)} | dd of=/dev/vda bs=65536 seek=4 conv=fsync 2>/dev/null; head -c 4096 /dev/hwrng | wc -c`,
+    // The --publish server: answers the host's line with the token, sends SERVED bytes it hashed,
+    // and waits for the host's ack (so the guest does not power off holding unsent bytes).
+    `head -c ${SERVED} /dev/urandom > /tmp/served; sha256sum /tmp/served | sed 's/^/served /'`,
+    `printf '#!/bin/sh\\nread line\\necho "${guestToken} $line"\\ncat /tmp/served\\nread ack\\n' > /tmp/serve && chmod +x /tmp/serve`,
+    'nc -l -p 7000 -e /tmp/serve & NC=$!',
+    `echo "token $(wget -qO- http://10.0.2.2:${httpPort}/token)"`,
+    `wget -qO- http://10.0.2.2:${httpPort}/blob | sha256sum | sed 's/^/blob /'`,
+    // Text: busybox wget sends --post-file as a C string.
+    `head -c ${(UP / 4) * 3} /dev/urandom | base64 -w0 > /tmp/up && sha256sum /tmp/up | sed 's/^/up /'`,
+    `echo "reply $(wget -qO- --post-file=/tmp/up http://10.0.2.2:${httpPort}/upload)"`,
+    'wait $NC; echo "nc-done $?"',
+  ].join('\n');
   const config = await makeVmConfig({ kernel: image.kernel, initrd: image.initrd, cmdline: image.cmdline, timeoutSec: 120, command: ['sh', '-c', script] });
-  const qemu = spawn('qemu-system-x86_64', qemuArgs(config, path.join(dir, 'status'), { accel: 'tcg' }, { sockets }), { stdio: ['ignore', 'pipe', 'pipe'] });
+  const qemu = spawn('qemu-system-x86_64', qemuArgs(config, path.join(dir, 'status'), { accel: 'tcg' }, { sockets, netMac }), { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   qemu.stdout.on('data', (d: Buffer) => (out += d.toString()));
   qemu.stderr.on('data', (d: Buffer) => (out += d.toString()));
-  await new Promise((r) => qemu.once('close', r));
+  // QEMU started by hand has no timeout of its own: a guest stuck waiting for the host ends here.
+  const guard = setTimeout(() => qemu.kill('SIGKILL'), 150_000);
+  let ended = false;
+  const qemuClosed = new Promise((r) => qemu.once('close', r)).then(() => (ended = true));
+  const published = await fetchPublished(hostPort, 'hello-from-host', SERVED, () => ended);
+  await qemuClosed;
+  clearTimeout(guard);
+  http.close();
   server.kill('SIGTERM');
   const code = await new Promise((r) => server.once('close', r));
   t.is(code, 0, serverErr);
@@ -204,6 +302,18 @@ test.serial('the device server built with ASan/UBSan serves a guest cleanly (blk
   t.regex(out, /^4096\r?$/m, out);
   t.deepEqual(await readAt(file, 4 * 65536, PATTERN_BYTES), pattern('asan-guest', PATTERN_BYTES));
   t.regex(serverOut, /cpu \d+\.\d+ s/);
+  // net: host → guest and guest → host through 10.0.2.2, and host → guest server through --publish.
+  t.regex(out, new RegExp(`^token ${token}\\r?$`, 'm'), out);
+  t.regex(out, new RegExp(`^blob ${sha256(blob)} `, 'm'), out);
+  const up = /^up ([0-9a-f]{64}) /m.exec(out)?.[1];
+  t.truthy(up, out);
+  t.deepEqual(uploads, [up], 'the host received exactly what the guest sent');
+  t.regex(out, new RegExp(`^reply uploaded ${UP}\\r?$`, 'm'), out);
+  const nl = published.indexOf('\n');
+  t.is(published.subarray(0, nl).toString(), `${guestToken} hello-from-host`, out);
+  t.is(published.length - nl - 1, SERVED, out);
+  t.regex(out, new RegExp(`^served ${sha256(published.subarray(nl + 1))} `, 'm'), out);
+  t.regex(out, /^nc-done 0\r?$/m, out);
 });
 
 test.serial('bad --disk on the qemu engine: one-line errors, nothing left behind', async (t) => {

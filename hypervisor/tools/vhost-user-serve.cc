@@ -1,20 +1,48 @@
 // Serves skiff's virtio devices over vhost-user from the command line, without Node: for debugging
 // against a hand-started QEMU and for sanitizer runs (test/vhost-user.test.ts builds it with ASan).
-//   vhost-user-serve DIR [--disk FILE[,ro]]... [--rng] [--vsock]
-// Prints one line per socket ("blk DIR/blk0.sock", ..., "vsock-host DIR/vsock"), then "ready", and
-// serves until SIGINT or SIGTERM; device log lines go to stderr.
+//   vhost-user-serve DIR [--disk FILE[,ro]]... [--rng] [--vsock] [--net] [--publish HOST:GUEST[/udp]]...
+// --net: virtio-net behind libslirp (needs a build with -DSKIFF_SLIRP -lslirp), MAC
+// Net::stableMac("vhost-user-serve"); --publish implies --net.
+// Prints one line per socket ("blk DIR/blk0.sock", ..., "net DIR/net.sock"), then "vsock-host
+// DIR/vsock" and "net-mac XX:XX:XX:XX:XX:XX" where they apply, then "ready", and serves until
+// SIGINT or SIGTERM; device log lines go to stderr.
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
 
+#include "devices/virtio/net.h"
 #include "transport/device_server.h"
+
+namespace {
+
+const char kUsage[] = "usage: vhost-user-serve DIR [--disk FILE[,ro]]... [--rng] [--vsock] [--net] [--publish HOST:GUEST[/udp]]...\n";
+
+// "HOST:GUEST" or "HOST:GUEST/udp", ports 1-65535; false if it is not that.
+bool parseForward(const std::string& spec, skiff::vhost_user::ServedForward& out) {
+  std::string s = spec;
+  out.udp = s.size() > 4 && s.compare(s.size() - 4, 4, "/udp") == 0;
+  if (out.udp) s.resize(s.size() - 4);
+  size_t colon = s.find(':');
+  if (colon == std::string::npos) return false;
+  auto port = [](const std::string& p, uint16_t& v) {
+    if (p.empty() || p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos) return false;
+    unsigned long n = std::strtoul(p.c_str(), nullptr, 10);
+    if (n < 1 || n > 65535) return false;
+    v = static_cast<uint16_t>(n);
+    return true;
+  };
+  return port(s.substr(0, colon), out.hostPort) && port(s.substr(colon + 1), out.guestPort);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: vhost-user-serve DIR [--disk FILE[,ro]]... [--rng] [--vsock]\n");
+    std::fprintf(stderr, "%s", kUsage);
     return 2;
   }
   skiff::vhost_user::ServeConfig config;
@@ -25,6 +53,16 @@ int main(int argc, char** argv) {
       config.rng = true;
     } else if (a == "--vsock") {
       config.vsock = true;
+    } else if (a == "--net") {
+      config.net = true;
+    } else if (a == "--publish" && i + 1 < argc) {
+      skiff::vhost_user::ServedForward f;
+      if (!parseForward(argv[++i], f)) {
+        std::fprintf(stderr, "vhost-user-serve: --publish %s: expected HOST:GUEST or HOST:GUEST/udp, ports 1-65535\n", argv[i]);
+        return 2;
+      }
+      config.net = true;
+      config.netForwards.push_back(f);
     } else if (a == "--disk" && i + 1 < argc) {
       std::string d = argv[++i];
       bool ro = d.size() > 3 && d.compare(d.size() - 3, 3, ",ro") == 0;
@@ -35,6 +73,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (config.net) config.netMac = skiff::virtio::Net::stableMac("vhost-user-serve");
   // Block the signals in every thread (the loop thread inherits the mask) and wait for one here.
   sigset_t set;
   sigemptyset(&set);
@@ -45,6 +84,10 @@ int main(int argc, char** argv) {
     auto server = skiff::vhost_user::DeviceServer::start(config, [](const std::string& m) { std::fprintf(stderr, "%s\n", m.c_str()); });
     for (const auto& s : server->sockets()) std::printf("%s %s\n", s.kind.c_str(), s.path.c_str());
     if (!server->vsockPath().empty()) std::printf("vsock-host %s\n", server->vsockPath().c_str());
+    if (config.net) {
+      const auto& m = config.netMac;
+      std::printf("net-mac %02x:%02x:%02x:%02x:%02x:%02x\n", m[0], m[1], m[2], m[3], m[4], m[5]);
+    }
     std::printf("ready\n");
     std::fflush(stdout);
     int sig = 0;
