@@ -20,9 +20,12 @@ namespace {
 
 [[noreturn]] void fail(const char* call) { throw HypervisorError(std::string(call) + ": " + std::strerror(errno)); }
 
-uint32_t toEpoll(uint32_t events) { return ((events & kReadable) ? EPOLLIN : 0u) | ((events & kWritable) ? EPOLLOUT : 0u); }
+uint32_t toEpoll(uint32_t events) {
+  return ((events & kReadable) ? EPOLLIN : 0u) | ((events & kWritable) ? EPOLLOUT : 0u) | ((events & kPriority) ? EPOLLPRI : 0u);
+}
 uint32_t fromEpoll(uint32_t e) {
-  return ((e & EPOLLIN) ? kReadable : 0u) | ((e & EPOLLOUT) ? kWritable : 0u) | ((e & (EPOLLHUP | EPOLLRDHUP)) ? kHangup : 0u) | ((e & EPOLLERR) ? kError : 0u);
+  return ((e & EPOLLIN) ? kReadable : 0u) | ((e & EPOLLOUT) ? kWritable : 0u) | ((e & (EPOLLHUP | EPOLLRDHUP)) ? kHangup : 0u) | ((e & EPOLLERR) ? kError : 0u) |
+         ((e & EPOLLPRI) ? kPriority : 0u);
 }
 
 class EpollLoop final : public EventLoop {
@@ -99,7 +102,9 @@ class EpollLoop final : public EventLoop {
       if (stopping_) return false;
       tasks_.push_back(std::move(task));
     }
-    wake_.signal();
+    // From the loop thread (a handler asking the device to run, say) the loop looks at its tasks
+    // before it waits again: no eventfd write, and no wake-up just to read it back.
+    if (!onLoopThread()) wake_.signal();
     return true;
   }
 
@@ -144,11 +149,20 @@ class EpollLoop final : public EventLoop {
     loopId_.store(std::this_thread::get_id());
     epoll_event events[32];
     for (;;) {
+      bool pending;
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (stopping_) break;
+        pending = !tasks_.empty();
       }
-      int n = epoll_wait(epoll_, events, 32, -1);
+      if (pending) {
+        runTasks();
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stopping_) break;
+        pending = !tasks_.empty();
+      }
+      // Tasks that posted more: look at the handles without waiting, then run those.
+      int n = epoll_wait(epoll_, events, 32, pending ? 0 : -1);
       if (n < 0) {
         if (errno == EINTR) continue;
         guarded([] { fail("epoll_wait"); });

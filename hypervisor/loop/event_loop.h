@@ -28,6 +28,7 @@ enum IoEvent : uint32_t {
   kWritable = 1u << 1,
   kHangup = 1u << 2,  // reported, never asked for
   kError = 1u << 3,   // reported, never asked for
+  kPriority = 1u << 4,  // urgent (out-of-band) data: poll's POLLPRI
 };
 
 // A counter another thread (or the hypervisor itself) bumps to wake a waiter: an eventfd on
