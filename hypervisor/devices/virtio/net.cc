@@ -97,7 +97,13 @@ bool Net::receive(const uint8_t* frame, size_t len) {
       ++rxDropped_;
       return false;
     }
-    inbox_.emplace_back(frame, frame + len);
+    if (spare_.empty()) {
+      inbox_.emplace_back(frame, frame + len);
+    } else {  // a buffer a delivered frame left: no allocation while it is large enough
+      inbox_.push_back(std::move(spare_.back()));
+      spare_.pop_back();
+      inbox_.back().assign(frame, frame + len);
+    }
     inboxBytes_ += len;
     if (inProcess_) {
       arrived_ = true;  // process() flushes before it returns, or wakes itself again
@@ -167,8 +173,18 @@ bool Net::handleTx(const Chain& chain, std::string& why) {
     ++txDropped_;  // not a virtio error: a frame no Ethernet carries (an MTU the guest raised, say)
     return true;
   }
-  // A private copy, never a view of guest memory: another vCPU may rewrite the buffer while the
-  // backend parses it, and a length it read twice must not change in between.
+  // A backend that reads guest memory safely (takesGuestMemory) gets the frame where it lies, if
+  // that is one host span (Linux's linear tx skbs: one buffer, or the header apart); spans()
+  // consumes nothing when it is not.
+  txSpan_.clear();
+  if (backend_.takesGuestMemory() && in.spans(len, txSpan_, 1)) {
+    ++txFrames_;
+    txBytes_ += len;
+    backend_.send(static_cast<const uint8_t*>(txSpan_[0].iov_base), len);
+    return true;
+  }
+  // Otherwise a private copy: another vCPU may rewrite the buffer while the backend parses it,
+  // and a length it read twice must not change in between.
   txCopy_.resize(len);
   if (!in.read(txCopy_.data(), len)) {
     why = "net: tx buffer outside guest memory";
@@ -279,6 +295,7 @@ bool Net::flushRx() {
     rxBytes_ += frame->size();
     std::lock_guard<std::mutex> lock(inboxMu_);
     inboxBytes_ -= inbox_.front().size();
+    if (spare_.size() < kSpareBuffers) spare_.push_back(std::move(inbox_.front()));
     inbox_.pop_front();
   }
   if (pushed && rx.needsNotification()) guest_->usedBuffers(kRxQueue);

@@ -1302,10 +1302,16 @@ TEST(vsock_hostile_packets) {
 
 // A backend that records what the guest sent and delivers what a test hands it.
 struct FakeNetBackend : NetBackend {
-  void send(const uint8_t* frame, size_t len) override { sent.emplace_back(frame, frame + len); }
+  void send(const uint8_t* frame, size_t len) override {
+    sent.emplace_back(frame, frame + len);
+    where.push_back(frame);
+  }
+  bool takesGuestMemory() const override { return guestMemory; }
   void flush() override { ++flushes; }
   bool give(const std::vector<uint8_t>& frame) { return deliver(frame.data(), frame.size()); }
   std::vector<std::vector<uint8_t>> sent;
+  std::vector<const uint8_t*> where;  // the pointer each send() was given
+  bool guestMemory = false;
   int flushes = 0;
 };
 
@@ -1423,6 +1429,32 @@ TEST(net_tx_strips_the_header) {
   CHECK(n.backend.sent.size() == 3 && n.net.stats().txDropped == 1 && !n.failed());
   CHECK(n.net.stats().txFrames == 3 && n.net.stats().txBytes == 60 + 1514 + 300);
   CHECK(n.logs.empty());
+}
+
+TEST(net_tx_hands_a_contiguous_frame_in_guest_memory) {
+  NetHarness n;
+  n.backend.guestMemory = true;
+  auto inFront = [&](size_t i) {  // the pointer lies in the fake guest RAM, not in a copy
+    const uint8_t* ram = n.mem.at(kRam, kRamSize);
+    return n.backend.where[i] >= ram && n.backend.where[i] < ram + kRamSize;
+  };
+  auto a = bytes(60, 1), b = bytes(9000, 2), c = bytes(300, 3);
+  n.send(a);              // header and frame in one descriptor
+  n.send(b, true);        // the frame in its own descriptor
+  n.send(c, true, true);  // indirect
+  CHECK(n.backend.sent.size() == 3 && n.backend.sent[0] == a && n.backend.sent[1] == b && n.backend.sent[2] == c);
+  CHECK(inFront(0) && inFront(1) && inFront(2));
+  // A frame over two descriptors is not one span: it is gathered into a copy.
+  uint64_t at = kData + 0x180000;
+  Net::Header h{};
+  auto d = bytes(3000, 4);
+  std::memcpy(n.mem.at(at, sizeof h), &h, sizeof h);
+  std::memcpy(n.mem.at(at + 0x1000, 1000), d.data(), 1000);
+  std::memcpy(n.mem.at(at + 0x3000, 2000), d.data() + 1000, 2000);
+  n.drivers[1]->add({{at, sizeof h, false}, {at + 0x1000, 1000, false}, {at + 0x3000, 2000, false}});
+  if (n.drivers[1]->publish()) wr(n.mmio, 0x50, 1);
+  CHECK(n.backend.sent.size() == 4 && n.backend.sent[3] == d && !inFront(3));
+  CHECK(n.net.stats().txFrames == 4 && n.net.stats().txBytes == 60 + 9000 + 300 + 3000 && !n.failed());
 }
 
 TEST(net_rx_whole_buffers) {
