@@ -245,6 +245,17 @@ void SlirpBackend::unwatch(int fd) {
   if (watched_.erase(fd)) loop_.remove(fd);
 }
 
+void SlirpBackend::onReady(int fd, uint32_t events) {
+  // Only `fd`'s readiness, straight from the loop: a socket that is ready too has its own event
+  // (level-triggered) in this wait or the next, so libslirp misses nothing, and a poll(2) over the
+  // whole set per event is saved.
+  short revents = short(((events & kReadable) ? POLLIN : 0) | ((events & kWritable) ? POLLOUT : 0) | ((events & kPriority) ? POLLPRI : 0) |
+                        ((events & kHangup) ? POLLHUP : 0) | ((events & kError) ? POLLERR : 0));
+  for (PollFd& p : fill_) p.revents = p.fd == fd ? short(revents & (p.events | POLLHUP | POLLERR)) : 0;
+  slirp_pollfds_poll(slirp_, 0, Callbacks::getRevents, this);
+  update();
+}
+
 void SlirpBackend::pollOnce() {
   // The loop said one socket is ready; one poll(2) over the whole set (a handful of sockets) gives
   // libslirp every readiness at once, as its fill/poll contract expects.
@@ -290,7 +301,7 @@ void SlirpBackend::update() {
   // What libslirp wants now, per descriptor (a handful; a descriptor may appear more than once).
   want_.clear();
   for (const PollFd& p : fill_) {
-    uint32_t ev = ((p.events & (POLLIN | POLLPRI)) ? kReadable : 0u) | ((p.events & POLLOUT) ? kWritable : 0u);
+    uint32_t ev = ((p.events & POLLIN) ? kReadable : 0u) | ((p.events & POLLOUT) ? kWritable : 0u) | ((p.events & POLLPRI) ? kPriority : 0u);
     if (ev == 0) continue;
     auto same = std::find_if(want_.begin(), want_.end(), [&](const std::pair<int, uint32_t>& w) { return w.first == p.fd; });
     if (same != want_.end()) {
@@ -325,10 +336,7 @@ void SlirpBackend::update() {
         watched_.erase(w);
       }
     }
-    loop_.add(fd, ev, [this](uint32_t) {
-      pollOnce();
-      update();
-    });
+    loop_.add(fd, ev, [this, fd = fd](uint32_t events) { onReady(fd, events); });
     watched_[fd] = ev;
   }
 

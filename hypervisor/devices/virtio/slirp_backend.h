@@ -67,6 +67,11 @@ class SlirpBackend final : public NetBackend {
   void send(const uint8_t* frame, size_t len) override;
   void flush() override;
   uint16_t mtu() const override { return mtu_; }
+  // libslirp 4.x's slirp_input reads the ethertype once, then copies an IPv4/IPv6 frame into an
+  // mbuf with one memcpy before it parses anything; an ARP frame it parses in place, at fixed
+  // offsets checked against len. A frame the guest rewrites meanwhile is garbage, never a read
+  // outside [frame, frame + len).
+  bool takesGuestMemory() const override { return true; }
 
   // Guest misbehaviour libslirp reported (the first is logged).
   uint64_t guestErrors() const { return guestErrors_; }
@@ -87,7 +92,9 @@ class SlirpBackend final : public NetBackend {
   // Re-reads libslirp's poll set and next timeout, and brings the loop's registrations and the
   // timer in line with them. After every entry into libslirp.
   void update();
-  // One poll pass over libslirp's sockets (the loop said one is ready, or a timer is due).
+  // The loop said `fd` is ready for `events` (IoEvent bits): libslirp handles that socket.
+  void onReady(int fd, uint32_t events);
+  // One poll pass over all of libslirp's sockets (a timer is due).
   void pollOnce();
   void onTimer();
   void unwatch(int fd);
