@@ -320,8 +320,10 @@ bool Backend::dispatch(const Header& h, const uint8_t* p, std::vector<int>& fds,
 }
 
 uint64_t Backend::offeredProtocolFeatures() const {
-  // CONFIG only for a device with a config space: QEMU warns about it for one without (rng).
-  return kOfferedProtocolFeatures & ~(device_.configSize() == 0 ? kPConfig : 0);
+  // CONFIG only for a device whose config space QEMU reads from the back-end: it warns about it
+  // for one without (rng), and for net, whose config space (MAC, status, MTU) it keeps itself.
+  bool config = device_.configSize() != 0 && device_.type() != virtio::kNet;
+  return kOfferedProtocolFeatures & ~(config ? 0 : kPConfig);
 }
 
 bool Backend::setMemTable(const uint8_t* p, uint32_t size, std::vector<int>& fds, std::string& error) {
