@@ -30,18 +30,32 @@ test.before(async () => {
   await execFileP('g++', ['-std=c++17', '-g', '-O1', '-fsanitize=address,undefined', '-fno-sanitize-recover=all', '-fno-omit-frame-pointer', '-DSKIFF_SLIRP', `-I${hv}`, ...sources, '-o', driver, '-lslirp', '-lpthread'], { maxBuffer: 1 << 24 });
 });
 
-function run(kernel: string, cmdline: string, cpus = 1, flags: string[] = [], input?: string): Promise<{ code: number | null; out: string }> {
+// A failing mutation's input is kept in `dir` for a developer; otherwise the directory goes.
+let keepDir = false;
+test.after.always(async () => {
+  if (dir && !keepDir) await fs.rm(dir, { recursive: true, force: true });
+});
+
+/**
+ * Runs the sanitized vmm-run. `limitMs` is a guard against a guest that never ends, not a
+ * timing check: it is short only for mutated kernels (which may spin forever by design); a real
+ * test guest gets minutes, since the sanitized VMM is slow and the machine may be loaded.
+ */
+function run(kernel: string, cmdline: string, cpus = 1, flags: string[] = [], input?: string, limitMs = 180_000): Promise<{ code: number | null; out: string }> {
   return new Promise((resolve) => {
     const child = spawn(driver, [...flags, kernel, cmdline, String(cpus)], { stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
     if (input !== undefined) child.stdin!.end(input);
     let out = '';
     child.stdout!.on('data', (d) => (out += d));
     child.stderr!.on('data', (d) => (out += d));
-    // A mutated guest may run forever; that is the guest's doing, not a VMM fault.
-    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    let killed = false;
+    const timer = setTimeout(() => {
+      killed = true;
+      child.kill('SIGKILL');
+    }, limitMs);
     child.on('close', (code) => {
       clearTimeout(timer);
-      resolve({ code, out });
+      resolve({ code, out: killed ? `${out}\n[killed by the test after ${limitMs / 1000} s]` : out });
     });
   });
 }
@@ -203,8 +217,10 @@ test('120 seeded header mutations: no sanitizer report, no crash', async (t) => 
       if (random() < 0.2) b = b.subarray(0, Math.floor(random() * b.length));
       const kernel = path.join(dir, 'mutated');
       await fs.writeFile(kernel, b);
-      const r = await run(kernel, 'skiff.test=exit=0');
+      // A mutated guest may run forever; that is the guest's doing, not a VMM fault.
+      const r = await run(kernel, 'skiff.test=exit=0', 1, [], undefined, 5000);
       if (!clean(r)) {
+        keepDir = true;
         await fs.copyFile(kernel, path.join(dir, `failing-${file}-${i}`));
         return t.fail(`${file} mutation ${i} (kept in ${dir}): ${r.out.slice(-2000)}`);
       }
