@@ -4,7 +4,10 @@
 // emulator: a boot to init takes ~90 s, hence the long timeouts and one VM at a time. The last
 // test drives the native engine's virtio devices with Linux's own drivers.
 import test from 'ava';
+import { randomBytes } from 'node:crypto';
 import { existsSync, promises as fs } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { defaultImage } from '../src/image/default.js';
@@ -19,9 +22,16 @@ import { guestPattern, hostEcho, initrdWithVsockTool, pattern, sha256, skiff, up
 /** Seconds allowed for one boot to init and back: measured ~90-100 s here, more when the cores are busy. */
 const BOOT_TIMEOUT_SEC = 300;
 const TEST_TIMEOUT_MS = 600_000;
-/** The boot with devices: 147-185 s measured here; one try with the cores very busy passed 300 s. */
+/**
+ * The boot with devices: 147-185 s measured here without the network, 354 s with it while another
+ * pvm-native boot and compilers shared the two cores (init at 165 s uptime, the network steps
+ * ~90 s of it); one try with the cores very busy passed 300 s before the network was added.
+ */
 const DEVICES_BOOT_TIMEOUT_SEC = 720;
 const DEVICES_TEST_TIMEOUT_MS = 900_000;
+/** What the guest fetches from the host (10.0.2.2), and sends back through --publish: small, the guest's TCP/IP runs emulated. */
+const BLOB_BYTES = 256 << 10;
+const PUBLISH_BYTES = 64 << 10;
 /** Building the flavor when it is missing: ~9.5 minutes on 2 cores (a near-full build, see its config). */
 const BUILD_TIMEOUT_MS = 1_200_000;
 
@@ -86,21 +96,82 @@ test.serial('pvm-native: --cpus 2 brings up both CPUs (MP table, INIT/SIPI), and
 
 // ---- Linux's virtio drivers against the native engine's devices ----
 
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+// Local to this file: test/net.test.ts has its own copy; test/helpers.ts is a shared file.
+/** A loopback port nobody listens on right now. */
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise((resolve) => s.close(resolve));
+  return port;
+}
+
+/**
+ * Host → guest through a --publish'ed port: connect to 127.0.0.1:`port`, send `hello`, read one
+ * line and then `bytes` more, then send "ack\n" (the guest's server waits for it, so it never
+ * exits holding unsent bytes). Until the guest listens, slirp accepts and then closes the
+ * connection (the guest answered its SYN with RST): connect again every `retryMs` until bytes come
+ * back or `gaveUp()`. What came back, empty if nothing did.
+ */
+async function publishedExchange(port: number, hello: string, bytes: number, gaveUp: () => boolean, retryMs = 1000): Promise<Buffer> {
+  while (!gaveUp()) {
+    const got = await new Promise<Buffer>((resolve) => {
+      const sock = net.connect(port, '127.0.0.1');
+      const parts: Buffer[] = [];
+      let acked = false;
+      sock.on('connect', () => sock.write(hello));
+      sock.on('data', (d: Buffer) => {
+        parts.push(d);
+        const all = Buffer.concat(parts);
+        const nl = all.indexOf('\n');
+        if (!acked && nl >= 0 && all.length >= nl + 1 + bytes) {
+          acked = true;
+          sock.write('ack\n');
+        }
+      });
+      sock.on('error', () => resolve(Buffer.alloc(0)));
+      sock.on('close', () => resolve(Buffer.concat(parts)));
+    });
+    if (got.length > 0) return got;
+    await sleep(retryMs);
+  }
+  return Buffer.alloc(0);
+}
 
 // What this proves: Linux's own drivers - virtio_mmio (probing the slots the engine declares with
-// virtio_mmio.device=), virtio_blk, virtio_rng and vmw_vsock_virtio_transport - work against
-// skiff's native VMM device code (hypervisor/devices/virtio/ on virtio::Mmio), with kicks arriving
-// through KVM ioeventfds and interrupts going out through irqfds, on KVM on PVM. One boot (147 s and
-// 185 s wall in two runs here) carries every check: bytes the host put on the disk read by the guest, bytes the
-// guest wrote and flushed read back by the host from the file, /dev/hwrng bytes from the virtio
-// rng (rng_current names it), and vsock streams in both directions (guest → host listener at
-// <vm-dir>/vsock_6000, host → guest listener through <vm-dir>/vsock). Linux waits for the
-// devices' interrupts here (it does not poll), so a lost interrupt shows as a stall: the guest
-// never finishes and the boot times out.
-test.serial('pvm-native: Linux virtio_blk, virtio_rng and vsock drivers on the native engine devices (irqfd/ioeventfd)', async (t) => {
+// virtio_mmio.device=), virtio_blk, virtio_rng, vmw_vsock_virtio_transport and virtio_net - work
+// against skiff's native VMM device code (hypervisor/devices/virtio/ on virtio::Mmio), with kicks
+// arriving through KVM ioeventfds and interrupts going out through irqfds, on KVM on PVM. One boot
+// (DEVICES_BOOT_TIMEOUT_SEC says how long) carries every check: bytes the host
+// put on the disk read by the guest, bytes the guest wrote and flushed read back by the host from
+// the file, /dev/hwrng bytes from the virtio rng (rng_current names it), vsock streams in both
+// directions (guest → host listener at <vm-dir>/vsock_6000, host → guest listener through
+// <vm-dir>/vsock), and the NIC behind libslirp NAT (--network nat): eth0 is virtio_net on the
+// fourth slot with skiff-init's address, the guest fetches a token and 256 KiB from an HTTP server
+// on the host's loopback through 10.0.2.2, and a --publish'ed host port reaches a server in the
+// guest (its token and 64 KiB it made come back). Linux waits for the devices' interrupts here
+// (it does not poll), so a lost interrupt shows as a stall: the guest never finishes and the boot
+// times out. Payloads are small: guest kernel code (the TCP/IP stack) runs at ~1.3 M
+// instructions/s here.
+test.serial('pvm-native: Linux virtio_blk, virtio_rng, vsock and virtio_net (NAT, --publish) drivers on the native engine devices (irqfd/ioeventfd)', async (t) => {
   t.timeout(DEVICES_TEST_TIMEOUT_MS);
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-pvm-virtio-'));
+  const hostToken = `host-token-${randomBytes(8).toString('hex')}`;
+  const blob = randomBytes(BLOB_BYTES);
+  const requests: string[] = [];
+  const server = http.createServer((req, res) => {
+    requests.push(`${req.method} ${req.url}`);
+    if (req.method === 'GET' && req.url === '/token') return res.end(hostToken);
+    if (req.method === 'GET' && req.url === '/blob') return res.end(blob);
+    res.statusCode = 404;
+    res.end();
+  });
   try {
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const httpPort = (server.address() as net.AddressInfo).port;
+    const publishPort = await freePort();
     const BYTES = 8192;
     const fromHost = pattern('host-to-guest', BYTES);
     const diskFile = path.join(scratch, 'disk.img');
@@ -108,25 +179,61 @@ test.serial('pvm-native: Linux virtio_blk, virtio_rng and vsock drivers on the n
     await fh.truncate(8 << 20);
     await fh.write(fromHost, 0, BYTES, 1 << 20);
     await fh.close();
+    // Every process costs here (a fork and exec are many page faults, each run by the emulator):
+    // what the shell can do itself (read, cd -P, ${x##*/}), it does.
     const script = [
+      `up() { read u _ < /proc/uptime; echo "$1 uptime=$u"; }`,
       // Where a stall happened shows in the output: init was reached, then each step's line.
-      `echo "init-reached uptime=$(cut -d' ' -f1 /proc/uptime)"`,
+      `up init-reached`,
       `dd if=/dev/vda bs=${BYTES} skip=${(1 << 20) / BYTES} count=1 2>/dev/null | sha256sum | sed 's/^/vda-read /'`,
       `${guestPattern('guest-to-host', BYTES)} | dd of=/dev/vda bs=${BYTES} seek=${(2 << 20) / BYTES} conv=fsync 2>/dev/null && echo vda-written`,
-      `echo "rng $(cat /sys/devices/virtual/misc/hw_random/rng_current)"`,
+      `read r < /sys/devices/virtual/misc/hw_random/rng_current; echo "rng $r"`,
       `head -c 64 /dev/hwrng | od -An -tx1 | tr -d ' \\n' | sed 's/^/hwrng /'; echo`,
       `dmesg | grep -q "crng init done" && echo crng-ready`,
+      // virtio-net: which device eth0 is, its driver, its transport and slot (the platform
+      // device's memory range), and skiff-init's address and route.
+      `up net-start`,
+      `cd -P /sys/class/net/eth0/device && n=$PWD && cd -P driver && d=\${PWD##*/} && cd -P $n/../driver && echo "eth0-device $n" && echo "eth0-driver $d on \${PWD##*/}"; cd /`,
+      `read v < $n/vendor; read i < $n/device; echo "eth0-ids $v $i"`,
+      `p=\${n%/*}; p=\${p##*/}; while read r c name; do if [ "$name" = "$p" ]; then echo "eth0-iomem $r"; break; fi; done < /proc/iomem`,
+      `read m < /sys/class/net/eth0/address; echo "eth0-mac $m"`,
+      `ip -4 -o addr show eth0; ip route`,
+      // Guest → host loopback through slirp's 10.0.2.2. timeout, not wget -T: Debian 12's
+      // busybox 1.35 wget crashes (SIGSEGV) with -T.
+      `up fetch-start`,
+      `timeout 120 wget -qO /tmp/token http://10.0.2.2:${httpPort}/token; read tok < /tmp/token; echo "token $tok"; up token-fetched`,
+      `timeout 120 wget -qO /tmp/blob http://10.0.2.2:${httpPort}/blob; up fetched`,
+      `sha256sum /tmp/blob`,
+      // Host → guest through --publish ${publishPort}:7000: a token made here, and 64 KiB. The
+      // host connects once it sees "publish-listening" (again until the server answers);
+      // timeout: a host that never comes does not hold up the checks after this.
+      `read gt < /proc/sys/kernel/random/uuid; echo "guest-token $gt"`,
+      `head -c ${PUBLISH_BYTES} /dev/urandom > /tmp/pub; sha256sum /tmp/pub`,
+      `printf 'read line\\necho "%s $line"\\ncat /tmp/pub\\nread ack\\n' "$gt" > /tmp/serve`,
+      `timeout 240 nc -l -p 7000 -e sh /tmp/serve &`,
+      `echo publish-listening`,
+      `wait $!; up "publish-served $?"`,
+      `while read l; do case $l in eth0:*) echo "netdev $l";; esac; done < /proc/net/dev`,
       `vsock-tool listen 5000 & vsock-tool connect 2 6000 hello-from-guest; wait`,
       `grep virtio /proc/interrupts`,
       // Interrupts Linux's handlers did not claim (IRQ_NONE), per virtio line; and no line disabled.
-      `for f in /proc/irq/1[6-9]/spurious; do echo "spurious $f $(tr '\\n' ' ' < $f)"; done`,
+      `for f in /proc/irq/1[6-9]/spurious; do { read a; read b; read c; } < $f; echo "spurious $f $a $b $c"; done`,
       `echo "nobody-cared $(dmesg | grep -c 'nobody cared')"`,
-      `echo "done uptime=$(cut -d' ' -f1 /proc/uptime)"`,
+      `up done`,
     ].join('\n');
     const image = await defaultImage();
     const initrd = await initrdWithVsockTool(scratch, image.initrd!, script);
 
-    const config = await makeVmConfig({ kernel: vmlinux, initrd, cmdline: image.cmdline, timeoutSec: DEVICES_BOOT_TIMEOUT_SEC, disks: [{ path: diskFile }], command: ['sh', '/bin/check'] });
+    const config = await makeVmConfig({
+      kernel: vmlinux,
+      initrd,
+      cmdline: image.cmdline,
+      timeoutSec: DEVICES_BOOT_TIMEOUT_SEC,
+      disks: [{ path: diskFile }],
+      network: 'nat',
+      publish: [{ hostPort: publishPort, guestPort: 7000, protocol: 'tcp' }],
+      command: ['sh', '/bin/check'],
+    });
     const started = Date.now();
     const machine = (await startNative(config)) as NativeMachine;
     let out = '';
@@ -134,10 +241,14 @@ test.serial('pvm-native: Linux virtio_blk, virtio_rng and vsock drivers on the n
     const { got, close: closeListener } = await upperCaseListener(path.join(machine.vmDir, 'vsock_6000'));
     let ended = false;
     const exit = machine.wait().finally(() => (ended = true));
-    const echoed = await hostEcho(machine.vsockPath, 5000, 'ping-from-host', () => ended, 500);
+    const echoed = hostEcho(machine.vsockPath, 5000, 'ping-from-host', () => ended, 500);
+    const published = (async () => {
+      while (!ended && !out.includes('publish-listening')) await sleep(500);
+      return publishedExchange(publishPort, 'hello-from-host\n', PUBLISH_BYTES, () => ended);
+    })();
     const result = await exit;
     closeListener();
-    t.log(`boot with devices: ${((Date.now() - started) / 1000).toFixed(0)} s wall; ${out.split('\n').filter((l) => /virtio\d|uptime=|^spurious /.test(l)).map((l) => l.trim().replace(/\s+/g, ' ')).join('; ')}`);
+    t.log(`boot with devices: ${((Date.now() - started) / 1000).toFixed(0)} s wall; ${out.split('\n').filter((l) => /virtio\d|uptime=|^spurious |^netdev /.test(l)).map((l) => l.trim().replace(/\s+/g, ' ')).join('; ')}`);
 
     t.deepEqual(result, { kind: 'exited', status: 0 }, out);
     // virtio-blk, both ways: the guest read what the host wrote; the host reads what the guest wrote.
@@ -157,10 +268,35 @@ test.serial('pvm-native: Linux virtio_blk, virtio_rng and vsock drivers on the n
     // virtio-vsock, both directions.
     t.deepEqual(got, ['hello-from-guest']);
     t.regex(out, /reply: HELLO-FROM-GUEST/, out);
-    t.is(echoed, 'ping-from-host', 'host → guest echo');
+    t.is(await echoed, 'ping-from-host', 'host → guest echo');
+    // virtio-net: eth0 is Linux's virtio_net on a virtio-mmio device declared on the command line,
+    // skiff's (vendor "SKIF", device 1), on the slot after rng, the disk and vsock; skiff-init
+    // gave it slirp's guest address and the default route through 10.0.2.2.
+    t.regex(out, /^eth0-device \/sys\/devices\/virtio-mmio-cmdline\/virtio-mmio\.\d+\/virtio\d+\r?$/m, out);
+    t.regex(out, /^eth0-driver virtio_net on virtio-mmio\r?$/m, out);
+    t.regex(out, /^eth0-ids 0x46494b53 0x0001\r?$/m, out);
+    t.regex(out, /^eth0-iomem d0000600-d00007ff\r?$/m, out);
+    t.regex(out, /^eth0-mac 02(:[0-9a-f]{2}){5}\r?$/m, out);
+    t.regex(out, /^\d+: eth0\s+inet 10\.0\.2\.15\/24 /m, out);
+    t.regex(out, /^default via 10\.0\.2\.2 dev eth0/m, out);
+    // NAT to the host's loopback: the token only the host knew, and the payload's hash.
+    t.regex(out, new RegExp(`^token ${hostToken}\\r?$`, 'm'), out);
+    t.regex(out, new RegExp(`^${sha256(blob)}  /tmp/blob\\r?$`, 'm'), out);
+    t.deepEqual(requests, ['GET /token', 'GET /blob']);
+    // --publish: the guest's server answered with the token it made and the host's line, then the
+    // bytes whose hash it printed.
+    const fromGuest = await published;
+    const nl = fromGuest.indexOf('\n');
+    const guestToken = /^guest-token ([0-9a-f-]{36})\r?$/m.exec(out)?.[1];
+    t.truthy(guestToken, out);
+    t.is(fromGuest.subarray(0, Math.max(nl, 0)).toString(), `${guestToken} hello-from-host`, out);
+    t.is(fromGuest.length - nl - 1, PUBLISH_BYTES, out);
+    t.regex(out, new RegExp(`^${sha256(fromGuest.subarray(nl + 1))}  /tmp/pub\\r?$`, 'm'), out);
+    t.regex(out, /^publish-served 0 uptime=/m, out);
     // The transport signals every cause (mmio.cc): Linux must never have disabled a line for it.
     t.regex(out, /^nobody-cared 0\r?$/m, out);
   } finally {
+    server.close();
     await fs.rm(scratch, { recursive: true, force: true });
   }
 });
