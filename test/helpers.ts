@@ -128,3 +128,44 @@ export function pattern(tag: string, bytes: number): Buffer {
 export function guestPattern(tag: string, bytes: number): string {
   return `i=0; while [ $i -lt ${Math.ceil(bytes / 8)} ]; do echo "${tag} $i"; i=$((i+1)); done | head -c ${bytes}`;
 }
+
+/** A loopback port nobody listens on right now. */
+export async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise((resolve) => s.close(resolve));
+  return port;
+}
+
+/**
+ * Host → guest through a --publish'ed port: connect to 127.0.0.1:`port`, send `hello`, read one
+ * line and then `bytes` more, then send "ack\n" (the guest's server waits for it, so it never
+ * powers off holding unsent bytes). Until the guest listens, slirp accepts and then closes the
+ * connection (the guest answered its SYN with RST): connect again every `retryMs` until bytes come
+ * back or `gaveUp()`. What came back, empty if nothing did.
+ */
+export async function publishedExchange(port: number, hello: string, bytes: number, gaveUp: () => boolean, retryMs = 200): Promise<Buffer> {
+  while (!gaveUp()) {
+    const got = await new Promise<Buffer>((resolve) => {
+      const sock = net.connect(port, '127.0.0.1');
+      const parts: Buffer[] = [];
+      let acked = false;
+      sock.on('connect', () => sock.write(hello));
+      sock.on('data', (d: Buffer) => {
+        parts.push(d);
+        const all = Buffer.concat(parts);
+        const nl = all.indexOf('\n');
+        if (!acked && nl >= 0 && all.length >= nl + 1 + bytes) {
+          acked = true;
+          sock.write('ack\n');
+        }
+      });
+      sock.on('error', () => resolve(Buffer.alloc(0)));
+      sock.on('close', () => resolve(Buffer.concat(parts)));
+    });
+    if (got.length > 0) return got;
+    await new Promise((r) => setTimeout(r, retryMs));
+  }
+  return Buffer.alloc(0);
+}

@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { packageRoot } from '../src/paths.js';
+import { freePort } from './helpers.js';
 
 const execFileP = promisify(execFile);
 const root = packageRoot();
@@ -197,14 +198,6 @@ test('virtio-net on virtio-mmio runs clean under ASan/UBSan: the NIC beside rng 
   t.true(r.out.includes('guest: virtio-hostile rng-after-reset=ok') && r.out.includes('[result kind=exited status=0'), r.out.slice(-2000));
 });
 
-/** A loopback port nobody listens on right now. */
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((resolve) => s.close(resolve));
-  return port;
-}
 
 test('120 seeded header mutations: no sanitizer report, no crash', async (t) => {
   let seed = 12345;

@@ -16,7 +16,7 @@ import { PVM_NATIVE_CMDLINE } from '../src/kernel/flavors.js';
 import { inspectKernel } from '../src/kernel/inspect.js';
 import { makeVmConfig } from '../src/vm/config.js';
 import { engineCmdline, kernelRelease, NativeMachine, startNative } from '../src/vm/native.js';
-import { guestPattern, hostEcho, initrdWithVsockTool, pattern, sha256, skiff, upperCaseListener } from './helpers.js';
+import { freePort, guestPattern, hostEcho, initrdWithVsockTool, pattern, publishedExchange, sha256, skiff, upperCaseListener } from './helpers.js';
 
 /**
  * Seconds allowed for one boot to init and back: measured ~90-120 s here, but a CI run with other
@@ -100,47 +100,6 @@ test.serial('pvm-native: --cpus 2 brings up both CPUs (MP table, INIT/SIPI), and
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-// Local to this file: test/net.test.ts has its own copy; test/helpers.ts is a shared file.
-/** A loopback port nobody listens on right now. */
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((resolve) => s.close(resolve));
-  return port;
-}
-
-/**
- * Host → guest through a --publish'ed port: connect to 127.0.0.1:`port`, send `hello`, read one
- * line and then `bytes` more, then send "ack\n" (the guest's server waits for it, so it never
- * exits holding unsent bytes). Until the guest listens, slirp accepts and then closes the
- * connection (the guest answered its SYN with RST): connect again every `retryMs` until bytes come
- * back or `gaveUp()`. What came back, empty if nothing did.
- */
-async function publishedExchange(port: number, hello: string, bytes: number, gaveUp: () => boolean, retryMs = 1000): Promise<Buffer> {
-  while (!gaveUp()) {
-    const got = await new Promise<Buffer>((resolve) => {
-      const sock = net.connect(port, '127.0.0.1');
-      const parts: Buffer[] = [];
-      let acked = false;
-      sock.on('connect', () => sock.write(hello));
-      sock.on('data', (d: Buffer) => {
-        parts.push(d);
-        const all = Buffer.concat(parts);
-        const nl = all.indexOf('\n');
-        if (!acked && nl >= 0 && all.length >= nl + 1 + bytes) {
-          acked = true;
-          sock.write('ack\n');
-        }
-      });
-      sock.on('error', () => resolve(Buffer.alloc(0)));
-      sock.on('close', () => resolve(Buffer.concat(parts)));
-    });
-    if (got.length > 0) return got;
-    await sleep(retryMs);
-  }
-  return Buffer.alloc(0);
-}
 
 // What this proves: Linux's own drivers - virtio_mmio (probing the slots the engine declares with
 // virtio_mmio.device=), virtio_blk, virtio_rng, vmw_vsock_virtio_transport and virtio_net - work
@@ -246,7 +205,7 @@ test.serial('pvm-native: Linux virtio_blk, virtio_rng, vsock and virtio_net (NAT
     const echoed = hostEcho(machine.vsockPath, 5000, 'ping-from-host', () => ended, 500);
     const published = (async () => {
       while (!ended && !out.includes('publish-listening')) await sleep(500);
-      return publishedExchange(publishPort, 'hello-from-host\n', PUBLISH_BYTES, () => ended);
+      return publishedExchange(publishPort, 'hello-from-host\n', PUBLISH_BYTES, () => ended, 1000);
     })();
     const result = await exit;
     closeListener();

@@ -18,7 +18,7 @@ import { cachedKernel } from '../src/kernel/build.js';
 import { packageRoot } from '../src/paths.js';
 import { makeVmConfig } from '../src/vm/config.js';
 import { qemuArgs, startQemu } from '../src/vm/qemu.js';
-import { guestPattern, hostEcho, initrdWithVsockTool, pattern, sha256, skiff, upperCaseListener } from './helpers.js';
+import { freePort, guestPattern, hostEcho, initrdWithVsockTool, pattern, publishedExchange, sha256, skiff, upperCaseListener } from './helpers.js';
 
 const execFileP = promisify(execFile);
 const root = packageRoot();
@@ -170,44 +170,6 @@ test.serial('data written and flushed by the guest survives a SIGKILL of skiff',
   t.deepEqual(await readAt(file, 8 * 65536, PATTERN_BYTES), pattern(tag, PATTERN_BYTES));
 });
 
-/** A loopback port nobody listens on right now. */
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((resolve) => s.close(resolve));
-  return port;
-}
-
-/**
- * Connects to 127.0.0.1:port until bytes come back (until the guest listens, slirp accepts the
- * connection and then closes it), sends `line`, and acks once it has `bytes` after the first
- * newline, so the guest's server may end. Gives up when `gaveUp()`.
- */
-async function fetchPublished(port: number, line: string, bytes: number, gaveUp: () => boolean): Promise<Buffer> {
-  for (let attempt = 0; attempt < 600 && !gaveUp(); attempt++) {
-    const got = await new Promise<Buffer>((resolve) => {
-      const sock = net.connect(port, '127.0.0.1');
-      const parts: Buffer[] = [];
-      let acked = false;
-      sock.on('connect', () => sock.write(`${line}\n`));
-      sock.on('data', (d: Buffer) => {
-        parts.push(d);
-        const all = Buffer.concat(parts);
-        const nl = all.indexOf('\n');
-        if (!acked && nl >= 0 && all.length >= nl + 1 + bytes) {
-          acked = true;
-          sock.write('ack\n');
-        }
-      });
-      sock.on('error', () => resolve(Buffer.alloc(0)));
-      sock.on('close', () => resolve(Buffer.concat(parts)));
-    });
-    if (got.length > 0) return got;
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  return Buffer.alloc(0);
-}
 
 // One boot with all four devices. The NIC's part (virtio-net and its libslirp backend): the guest
 // fetches a token and 512 KiB from an HTTP server on the host's loopback through 10.0.2.2, posts
@@ -290,7 +252,7 @@ test.serial('the device server built with ASan/UBSan serves a guest cleanly (blk
   const guard = setTimeout(() => qemu.kill('SIGKILL'), 150_000);
   let ended = false;
   const qemuClosed = new Promise((r) => qemu.once('close', r)).then(() => (ended = true));
-  const published = await fetchPublished(hostPort, 'hello-from-host', SERVED, () => ended);
+  const published = await publishedExchange(hostPort, 'hello-from-host\n', SERVED, () => ended);
   await qemuClosed;
   clearTimeout(guard);
   http.close();

@@ -16,27 +16,11 @@
 
 #include "devices/virtio/net.h"
 #include "transport/device_server.h"
+#include "tools/parse_forward.h"
 
 namespace {
 
 const char kUsage[] = "usage: vhost-user-serve DIR [--disk FILE[,ro]]... [--rng] [--vsock] [--net] [--publish HOST:GUEST[/udp]]...\n";
-
-// "HOST:GUEST" or "HOST:GUEST/udp", ports 1-65535; false if it is not that.
-bool parseForward(const std::string& spec, skiff::vhost_user::ServedForward& out) {
-  std::string s = spec;
-  out.udp = s.size() > 4 && s.compare(s.size() - 4, 4, "/udp") == 0;
-  if (out.udp) s.resize(s.size() - 4);
-  size_t colon = s.find(':');
-  if (colon == std::string::npos) return false;
-  auto port = [](const std::string& p, uint16_t& v) {
-    if (p.empty() || p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos) return false;
-    unsigned long n = std::strtoul(p.c_str(), nullptr, 10);
-    if (n < 1 || n > 65535) return false;
-    v = static_cast<uint16_t>(n);
-    return true;
-  };
-  return port(s.substr(0, colon), out.hostPort) && port(s.substr(colon + 1), out.guestPort);
-}
 
 }  // namespace
 
@@ -57,7 +41,7 @@ int main(int argc, char** argv) {
       config.net = true;
     } else if (a == "--publish" && i + 1 < argc) {
       skiff::vhost_user::ServedForward f;
-      if (!parseForward(argv[++i], f)) {
+      if (!skiff::tools::parseForward(argv[++i], f)) {
         std::fprintf(stderr, "vhost-user-serve: --publish %s: expected HOST:GUEST or HOST:GUEST/udp, ports 1-65535\n", argv[i]);
         return 2;
       }

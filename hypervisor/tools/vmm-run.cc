@@ -22,26 +22,11 @@
 #include "devices/virtio/net.h"
 #include "vmm/machine.h"
 #include "vmm/virtio_devices.h"
+#include "tools/parse_forward.h"
 
 namespace {
 
 const char kUsage[] = "usage: vmm-run [--stdin] [--doorbell-test] [--emulate-doorbells] [--emulate-irqs] [--rng] [--disk=FILE[,ro]]... [--vsock=DIR] [--net] [--publish=HOST:GUEST[/udp]]... KERNEL [CMDLINE] [CPUS] [INITRD]\n";
-
-// "HOST:GUEST" or "HOST:GUEST/udp", ports 1-65535; false if it is not that.
-bool parseForward(std::string s, skiff::VirtioNet::Forward& out) {
-  out.udp = s.size() > 4 && s.compare(s.size() - 4, 4, "/udp") == 0;
-  if (out.udp) s.resize(s.size() - 4);
-  size_t colon = s.find(':');
-  if (colon == std::string::npos) return false;
-  auto port = [](const std::string& p, uint16_t& v) {
-    if (p.empty() || p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos) return false;
-    unsigned long n = std::strtoul(p.c_str(), nullptr, 10);
-    if (n < 1 || n > 65535) return false;
-    v = static_cast<uint16_t>(n);
-    return true;
-  };
-  return port(s.substr(0, colon), out.hostPort) && port(s.substr(colon + 1), out.guestPort);
-}
 
 }  // namespace
 
@@ -59,7 +44,7 @@ int main(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--net") == 0) virtio.net.enabled = true;
     else if (std::strncmp(argv[i], "--publish=", 10) == 0) {
       skiff::VirtioNet::Forward f;
-      if (!parseForward(argv[i] + 10, f)) {
+      if (!skiff::tools::parseForward(argv[i] + 10, f)) {
         std::fprintf(stderr, "vmm-run: %s: expected --publish=HOST:GUEST or HOST:GUEST/udp, ports 1-65535\n", argv[i]);
         return 2;
       }

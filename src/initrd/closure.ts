@@ -313,7 +313,7 @@ class Closure {
   constructor(
     private readonly into: FileSet,
     packages: FileSet | undefined,
-    private readonly hostOrigin: string,
+    hostOrigin: string,
   ) {
     this.trees = [];
     if (packages) this.trees.push({ tree: new FileSetTree(packages), origin: 'packages' });
