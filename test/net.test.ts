@@ -1,22 +1,25 @@
 // skiff's virtio-net behind libslirp NAT, end to end. On the QEMU engine (TCG here), real Linux
 // guests with skiff's NIC served over vhost-user: a page (and 1 MiB both ways) from an HTTP
-// server on the host's loopback through 10.0.2.2, a --publish port reaching a server in the guest,
-// DNS through 10.0.2.3, a taken --publish port, and --network none. On the native engine, the
-// ring-3 test guest (test/guests/virtio.c) finds the NIC on the slot after vsock and throws
-// register garbage and bad rings at it, as at every other device.
+// server on the host's loopback through 10.0.2.2, a --publish port reaching a server in the guest
+// (TCP, and UDP datagrams up to 32 KiB), DNS through 10.0.2.3, a taken --publish port, and
+// --network none. On the native engine, the ring-3 test guest (test/guests/virtio.c) finds the
+// NIC on the slot after vsock and throws register garbage and bad rings at it, as at every other
+// device.
 import test from 'ava';
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import dgram from 'node:dgram';
 import { existsSync, promises as fs } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { defaultImage } from '../src/image/default.js';
 import { cachedKernel } from '../src/kernel/build.js';
 import { packageRoot } from '../src/paths.js';
 import { makeVmConfig } from '../src/vm/config.js';
 import { startNative } from '../src/vm/native.js';
-import { sha256, skiff } from './helpers.js';
+import { initrdWithVsockTool, sha256, skiff } from './helpers.js';
 
 const root = packageRoot();
 const GUEST = path.join(root, 'test', 'guests', 'out', 'skiff-test-guest.elf');
@@ -141,6 +144,81 @@ test.serial('--publish HOSTPORT:GUESTPORT reaches a server in the guest: a guest
   const fromGuest = got.subarray(nl + 1);
   t.is(fromGuest.length, MIB);
   t.regex(stdout, new RegExp(`^blob ${sha256(fromGuest)} `, 'm'), stdout);
+  t.regex(stdout, /^served\r?$/m, stdout);
+});
+
+/** A loopback UDP port nobody has bound right now. */
+async function freeUdpPort(): Promise<number> {
+  const s = dgram.createSocket('udp4');
+  await new Promise<void>((resolve) => s.bind(0, '127.0.0.1', resolve));
+  const port = s.address().port;
+  await new Promise<void>((resolve) => s.close(resolve));
+  return port;
+}
+
+/** What vsock-tool udp-echo answers to `msg`: "echo: " and `msg` with its ASCII letters upper-cased. */
+function udpEchoOf(msg: Buffer): Buffer {
+  return Buffer.concat([Buffer.from('echo: '), Buffer.from(msg.map((b) => (b >= 0x61 && b <= 0x7a ? b - 0x20 : b)))]);
+}
+
+test.serial('--publish HOSTPORT:GUESTPORT/udp reaches a UDP server in the guest: datagrams up to 32 KiB come back changed by the guest', async (t) => {
+  await requireKernel();
+  const hostPort = await freeUdpPort();
+  // Each datagram ends with " #i", which upper-casing leaves alone, so the host can tell which one
+  // an answer is for even when the answer is wrong. One carries random bytes (every byte value).
+  const tail = (i: number) => Buffer.from(` #${i}`);
+  const messages = [
+    Buffer.from('hello-from-host #0'),
+    Buffer.concat([Buffer.from(`mixed-Case ${randomBytes(600).toString('hex')}`), tail(1)]),
+    Buffer.concat([randomBytes(4093), tail(2)]),
+    Buffer.concat([Buffer.from(randomBytes(16384).toString('hex')), tail(3)]),
+  ];
+  // udp-echo exits after messages.length + 1 different datagrams: the last is "bye", which the
+  // host sends only once it has every answer, so the guest never powers off before its last
+  // answer that counts is out.
+  const script = `vsock-tool udp-echo 7001 ${messages.length + 1} && echo served`;
+  const scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-net-udp-'));
+  const image = await defaultImage();
+  const initrd = await initrdWithVsockTool(scratch, image.initrd!, script);
+  const child = spawn(process.execPath, [path.join(root, 'dist', 'bundle', 'skiff.js'), 'boot', '--engine', 'qemu', '--timeout', '120', '--initrd', initrd, '--publish', `${hostPort}:7001/udp`, '--', 'sh', '/bin/check'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const ended = new Promise<number | null>((resolve) => child.on('close', resolve));
+  let done = false;
+  void ended.then(() => (done = true));
+  const sock = dgram.createSocket('udp4');
+  await new Promise<void>((resolve) => sock.bind(0, '127.0.0.1', resolve));
+  const answers = new Map<number, Buffer>();
+  const strays: Buffer[] = [];
+  const bye = Buffer.from('bye');
+  sock.on('message', (d: Buffer, from: dgram.RemoteInfo) => {
+    if (d.equals(udpEchoOf(bye))) return;
+    const i = messages.findIndex((m, k) => d.subarray(d.length - tail(k).length).equals(tail(k)));
+    if (i < 0 || from.port !== hostPort) strays.push(d);
+    else if (!answers.has(i)) answers.set(i, d);
+  });
+  const send = (b: Buffer) => new Promise<void>((resolve) => sock.send(b, hostPort, '127.0.0.1', () => resolve()));
+  // Until the guest's server is up, slirp hands the datagrams to a guest that drops them: send
+  // whatever has no answer yet again every 200 ms.
+  while (!done && answers.size < messages.length) {
+    for (const [i, m] of messages.entries()) if (!answers.has(i)) await send(m);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  while (!done) {
+    await send(bye);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  const code = await ended;
+  sock.close();
+  await fs.rm(scratch, { recursive: true, force: true });
+  t.is(code, 0, stdout + stderr);
+  for (const [i, m] of messages.entries()) t.deepEqual(answers.get(i), udpEchoOf(m), `answer to datagram ${i} (${m.length} bytes)`);
+  t.deepEqual(strays, [], 'no answer that matches no datagram');
+  t.regex(stdout, new RegExp(`^udp-echo answered ${messages.length + 1}\\r?$`, 'm'), stdout);
   t.regex(stdout, /^served\r?$/m, stdout);
 });
 

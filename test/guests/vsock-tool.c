@@ -12,6 +12,13 @@
  *   vsock-tool tcp-send IP PORT BYTES [BLOCK]  connect, send BYTES, shut down writing, wait for
  *                                              the peer's EOF; print "sent BYTES"
  *   vsock-tool tcp-recv IP PORT [BLOCK]        connect, read until EOF; print "received N"
+ *
+ * And the guest half of the UDP --publish test (test/net.test.ts):
+ *   vsock-tool udp-echo PORT N  on UDP 0.0.0.0:PORT, answer every datagram to its sender with
+ *                               "echo: " and the datagram, ASCII letters upper-cased (so the host
+ *                               sees that the guest read it); print "udp-echo answered N" and exit
+ *                               once N different datagrams came (a host that resends a datagram
+ *                               it has no answer for yet may send one twice)
  */
 #include <arpa/inet.h>
 #include <linux/vm_sockets.h>
@@ -96,11 +103,77 @@ static int tcp(int argc, char **argv)
     return 0;
 }
 
+/* FNV-1a, 64-bit: tells udp-echo's datagrams apart. */
+static unsigned long long fnv1a64(const unsigned char *p, size_t n)
+{
+    unsigned long long h = 0xcbf29ce484222325ULL;
+    while (n-- > 0)
+        h = (h ^ *p++) * 0x100000001b3ULL;
+    return h;
+}
+
+static int udp_echo(int argc, char **argv)
+{
+    static const char prefix[] = "echo: ";
+    static unsigned char in[65536], out[sizeof prefix - 1 + sizeof in];
+    if (argc < 4) {
+        fprintf(stderr, "usage: vsock-tool udp-echo PORT N\n");
+        return 2;
+    }
+    char *port_end, *want_end;
+    unsigned long port = strtoul(argv[2], &port_end, 10);
+    unsigned long want = strtoul(argv[3], &want_end, 10);
+    if (*port_end != '\0' || port < 1 || port > 65535 || *want_end != '\0' || want < 1 || want > 1000) {
+        fprintf(stderr, "vsock-tool udp-echo: PORT must be 1-65535 and N 1-1000\n");
+        return 2;
+    }
+    unsigned long long *seen = calloc(want, sizeof *seen);
+    if (seen == NULL)
+        die("calloc");
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s < 0)
+        die("socket");
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)port), .sin_addr.s_addr = htonl(INADDR_ANY) };
+    if (bind(s, (struct sockaddr *)&a, sizeof a))
+        die("bind");
+    printf("udp-echo listening %lu\n", port);
+    fflush(stdout);
+    unsigned long have = 0;
+    while (have < want) {
+        struct sockaddr_in from;
+        socklen_t from_len = sizeof from;
+        ssize_t n = recvfrom(s, in, sizeof in, 0, (struct sockaddr *)&from, &from_len);
+        if (n < 0)
+            die("recvfrom");
+        memcpy(out, prefix, sizeof prefix - 1);
+        for (ssize_t i = 0; i < n; i++)
+            out[sizeof prefix - 1 + i] = in[i] >= 'a' && in[i] <= 'z' ? in[i] - 'a' + 'A' : in[i];
+        size_t len = sizeof prefix - 1 + (size_t)n;
+        ssize_t w = sendto(s, out, len, 0, (struct sockaddr *)&from, from_len);
+        if (w < 0)
+            die("sendto");
+        if ((size_t)w != len) {
+            fprintf(stderr, "vsock-tool udp-echo: sendto sent %zd of %zu bytes\n", w, len);
+            return 1;
+        }
+        unsigned long long h = fnv1a64(in, (size_t)n);
+        unsigned long i = 0;
+        while (i < have && seen[i] != h)
+            i++;
+        if (i == have)
+            seen[have++] = h;
+    }
+    printf("udp-echo answered %lu\n", have);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static char buf[65536];
     if (argc >= 2 && !strncmp(argv[1], "tcp-", 4))
         return tcp(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "udp-echo"))
+        return udp_echo(argc, argv);
     struct sockaddr_vm a = { .svm_family = AF_VSOCK };
     if (argc < 3)
         return 2;
