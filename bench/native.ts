@@ -10,8 +10,9 @@
 //    writes guest memory and raises the interrupt → guest sees both; backend (KVM ioeventfd and
 //    irqfd) against the VMM's own emulation, interleaved;
 // 4. whole processes, interleaved: `skiff boot --engine native`, QEMU microvm with KVM, `node -e 0`;
-// 5. what skiff's virtio devices (rng + one 64 MiB disk + vsock) add to a VM's host setup and to
-//    the whole round trip: the same exit=0 guest with and without them, interleaved.
+// 5. what skiff's virtio devices (rng + one 64 MiB disk + vsock + virtio-net behind libslirp NAT, no
+//    forwards) add to a VM's host setup and to the whole round trip: the same exit=0 guest with and
+//    without them, interleaved.
 // Usage: node dist/bench/native.js [--runs N] [--rounds N] [--process-runs N] [--only virtio]
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -150,21 +151,24 @@ async function doorbells(addon: Addon, kernel: string, rounds: number, rings: nu
   return paths.map(([name], j) => [name, perRing[j]] as const);
 }
 
-/** The exit=0 guest with and without rng + a disk + vsock, interleaved: setup and whole ms. */
+/** The exit=0 guest with and without rng + a disk + vsock + net, interleaved: setup and whole ms. */
 async function virtioCost(addon: Addon, kernel: string, runs: number) {
+  if (addon.netUnavailable) throw new Error(`virtio devices: ${addon.netUnavailable}`);
   const dir = mkdtempSync(path.join(os.tmpdir(), 'skiff-bench-virtio-'));
   try {
     const disk = path.join(dir, 'disk.img');
     writeFileSync(disk, Buffer.alloc(64 * MiB)); // written out: no sparse shortcut
     const bare = { kernel, cmdline: 'skiff.test=exit=0', cpus: 1, memoryMiB: 32 };
-    const full = { ...bare, rng: true, disks: [{ path: disk, readOnly: false, serial: 'bench' }], vsockDir: dir };
+    // What `--network nat` without --publish attaches (src/vm/native.ts nativeDevices).
+    const full = { ...bare, rng: true, disks: [{ path: disk, readOnly: false, serial: 'bench' }], vsockDir: dir, net: { seed: dir, forwards: [] } };
     await once(addon, full); // warm
     const setup = [[], []] as number[][];
     const whole = [[], []] as number[][];
     for (let i = 0; i < runs; i++) {
       for (const [j, config] of [bare, full].entries()) {
         const { result, totalMs } = await once(addon, config);
-        if (j === 1 && !result.events.includes('doorbells backend=5')) throw new Error(`virtio devices not attached: ${result.events}`);
+        // A doorbell per queue (rng 1, blk 1, vsock 3, net 2) and an interrupt line per device.
+        if (j === 1 && !result.events.startsWith('doorbells backend=7 emulated=0; interrupt lines backend=4 ')) throw new Error(`virtio devices not attached: ${result.events}`);
         setup[j].push(result.setupMs);
         whole[j].push(totalMs);
       }
@@ -176,14 +180,14 @@ async function virtioCost(addon: Addon, kernel: string, runs: number) {
 }
 
 function printVirtio(runs: number, v: Awaited<ReturnType<typeof virtioCost>>) {
-  console.log(`\n## virtio devices: rng + one disk (64 MiB) + vsock, ${runs} interleaved pairs (exit=0 guest)\n`);
+  console.log(`\n## virtio devices: rng + one disk (64 MiB) + vsock + net (libslirp NAT), ${runs} interleaved pairs (exit=0 guest)\n`);
   console.log('| what | median ms | min–max ms |');
   console.log('|---|---:|---:|');
   console.log(row('setup, no devices', v.setup[0]));
-  console.log(row('setup, rng + blk + vsock', v.setup[1]));
+  console.log(row('setup, rng + blk + vsock + net', v.setup[1]));
   console.log(row('setup added (pairwise)', v.added));
   console.log(row('whole Promise round trip, no devices', v.whole[0]));
-  console.log(row('whole Promise round trip, rng + blk + vsock', v.whole[1]));
+  console.log(row('whole Promise round trip, rng + blk + vsock + net', v.whole[1]));
   console.log(row('whole added (pairwise)', v.addedWhole));
 }
 
