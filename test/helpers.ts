@@ -1,6 +1,7 @@
 // Shared by the tests that run the real CLI and boot real guests.
-import { execFile, spawn } from 'node:child_process';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import http from 'node:http';
 import net from 'node:net';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -16,19 +17,29 @@ export interface RunResult {
 
 /** Runs the built CLI (dist/, as users run it) to completion. */
 export function skiff(args: string[], options: { input?: string; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [path.join(packageRoot(), 'dist', 'bundle', 'skiff.js'), ...args], {
-      env: { ...process.env, ...options.env },
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  return startSkiff(args, options).result;
+}
+
+/**
+ * Starts the built CLI and returns at once, for tests that talk to the guest while it runs:
+ * `result` settles when it ends, `ended()` says whether it has, `out()` is its stdout so far.
+ */
+export function startSkiff(args: string[], options: { input?: string; env?: NodeJS.ProcessEnv } = {}): { child: ChildProcess; result: Promise<RunResult>; ended: () => boolean; out: () => string } {
+  const child = spawn(process.execPath, [path.join(packageRoot(), 'dist', 'bundle', 'skiff.js'), ...args], {
+    env: { ...process.env, ...options.env },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  let done = false;
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const result = new Promise<RunResult>((resolve, reject) => {
     child.on('error', reject);
     child.on('close', (code) => resolve({ code, stdout, stderr }));
-    child.stdin.end(options.input ?? '');
-  });
+  }).finally(() => (done = true));
+  child.stdin!.end(options.input ?? '');
+  return { child, result, ended: () => done, out: () => stdout };
 }
 
 /** FNV-1a (32-bit), the hash the ring-3 test guests (test/guests/) print over what they read. */
@@ -168,4 +179,34 @@ export async function publishedExchange(port: number, hello: string, bytes: numb
     await new Promise((r) => setTimeout(r, retryMs));
   }
   return Buffer.alloc(0);
+}
+
+/**
+ * The HTTP server on the host's loopback that a guest behind the NAT reaches as 10.0.2.2:`port`:
+ * GET /token and GET /blob answer with those bytes; POST /upload answers
+ * "uploaded LENGTH SHA256" and records the body's sha256 in `uploads`. Every request is
+ * recorded in `requests` ("GET /token").
+ */
+export async function hostHttpServer(token: string, blob: Buffer): Promise<{ port: number; uploads: string[]; requests: string[]; close: () => void }> {
+  const uploads: string[] = [];
+  const requests: string[] = [];
+  const server = http.createServer((req, res) => {
+    requests.push(`${req.method} ${req.url}`);
+    if (req.method === 'GET' && req.url === '/token') return res.end(token);
+    if (req.method === 'GET' && req.url === '/blob') return res.end(blob);
+    if (req.method === 'POST' && req.url === '/upload') {
+      const parts: Buffer[] = [];
+      req.on('data', (d: Buffer) => parts.push(d));
+      req.on('end', () => {
+        const body = Buffer.concat(parts);
+        uploads.push(sha256(body));
+        res.end(`uploaded ${body.length} ${sha256(body)}`);
+      });
+      return;
+    }
+    res.statusCode = 404;
+    res.end();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { port: (server.address() as net.AddressInfo).port, uploads, requests, close: () => server.close() };
 }

@@ -6,11 +6,10 @@
 // NIC on the slot after vsock and throws register garbage and bad rings at it, as at every other
 // device.
 import test from 'ava';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import dgram from 'node:dgram';
 import { existsSync, promises as fs } from 'node:fs';
-import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -19,7 +18,7 @@ import { cachedKernel } from '../src/kernel/build.js';
 import { packageRoot } from '../src/paths.js';
 import { makeVmConfig } from '../src/vm/config.js';
 import { startNative } from '../src/vm/native.js';
-import { initrdWithVsockTool, sha256, skiff } from './helpers.js';
+import { freePort, hostHttpServer, initrdWithVsockTool, publishedExchange, sha256, skiff, startSkiff } from './helpers.js';
 
 const root = packageRoot();
 const GUEST = path.join(root, 'test', 'guests', 'out', 'skiff-test-guest.elf');
@@ -30,14 +29,6 @@ async function requireKernel(): Promise<void> {
   if (!(await cachedKernel())) throw new Error('the default kernel is not built: run "node dist/bundle/skiff.js kernel build"');
 }
 
-/** A loopback port nobody listens on right now. */
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((resolve) => s.close(resolve));
-  return port;
-}
 
 const boot = (args: string[]) => skiff(['boot', '--engine', 'qemu', '--timeout', '120', ...args]);
 
@@ -45,25 +36,7 @@ test.serial('the guest reaches an HTTP server on host loopback through 10.0.2.2:
   await requireKernel();
   const token = `host-token-${randomBytes(8).toString('hex')}`;
   const blob = randomBytes(MIB);
-  const uploads: string[] = [];
-  const server = http.createServer((req, res) => {
-    if (req.method === 'GET' && req.url === '/token') return res.end(token);
-    if (req.method === 'GET' && req.url === '/blob') return res.end(blob);
-    if (req.method === 'POST' && req.url === '/upload') {
-      const parts: Buffer[] = [];
-      req.on('data', (d: Buffer) => parts.push(d));
-      req.on('end', () => {
-        const body = Buffer.concat(parts);
-        uploads.push(sha256(body));
-        res.end(`uploaded ${body.length} ${sha256(body)}`);
-      });
-      return;
-    }
-    res.statusCode = 404;
-    res.end();
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as net.AddressInfo).port;
+  const { port, uploads, close } = await hostHttpServer(token, blob);
   const script = [
     `echo "token $(wget -qO- http://10.0.2.2:${port}/token)"`,
     `wget -qO- http://10.0.2.2:${port}/blob | sha256sum | sed 's/^/blob /'`,
@@ -74,7 +47,7 @@ test.serial('the guest reaches an HTTP server on host loopback through 10.0.2.2:
     `echo "addr $(ip -4 -o addr show eth0 | awk '{print $4}')"`,
   ].join('; ');
   const r = await boot(['--network', 'nat', '--', 'sh', '-c', script]);
-  server.close();
+  close();
   t.is(r.code, 0, r.stdout + r.stderr);
   t.regex(r.stdout, new RegExp(`^token ${token}\\r?$`, 'm'), r.stdout);
   t.regex(r.stdout, new RegExp(`^blob ${sha256(blob)} `, 'm'), r.stdout);
@@ -103,41 +76,10 @@ test.serial('--publish HOSTPORT:GUESTPORT reaches a server in the guest: a guest
     'nc -l -p 7000 -e /tmp/serve',
     'echo served',
   ].join('; ');
-  const child = spawn(process.execPath, [path.join(root, 'dist', 'bundle', 'skiff.js'), 'boot', '--engine', 'qemu', '--timeout', '120', '--publish', `${hostPort}:7000`, '--', 'sh', '-c', script], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const ended = new Promise<number | null>((resolve) => child.on('close', resolve));
-  let done = false;
-  void ended.then(() => (done = true));
-  // Until the guest listens, slirp accepts the host's connection and then closes it (the guest
-  // answered its SYN with RST): connect again until bytes come back.
-  let got: Buffer = Buffer.alloc(0);
-  for (let attempt = 0; attempt < 600 && !done && got.length === 0; attempt++) {
-    got = await new Promise<Buffer>((resolve) => {
-      const sock = net.connect(hostPort, '127.0.0.1');
-      const parts: Buffer[] = [];
-      let acked = false;
-      sock.on('connect', () => sock.write('hello-from-host\n'));
-      sock.on('data', (d: Buffer) => {
-        parts.push(d);
-        // The token line and 1 MiB: tell the guest it may stop.
-        const all = Buffer.concat(parts);
-        const nl = all.indexOf('\n');
-        if (!acked && nl >= 0 && all.length >= nl + 1 + MIB) {
-          acked = true;
-          sock.write('ack\n');
-        }
-      });
-      sock.on('error', () => resolve(Buffer.alloc(0)));
-      sock.on('close', () => resolve(Buffer.concat(parts)));
-    });
-    if (got.length === 0) await new Promise((r) => setTimeout(r, 200));
-  }
-  const code = await ended;
+  const vm = startSkiff(['boot', '--engine', 'qemu', '--timeout', '120', '--publish', `${hostPort}:7000`, '--', 'sh', '-c', script]);
+  // publishedExchange connects again until the guest listens, and acks the whole reply.
+  const got = await publishedExchange(hostPort, 'hello-from-host\n', MIB, vm.ended);
+  const { code, stdout, stderr } = await vm.result;
   t.is(code, 0, stdout + stderr);
   const nl = got.indexOf('\n');
   t.is(got.subarray(0, nl).toString(), `${token} hello-from-host`, stdout + stderr);
@@ -180,16 +122,7 @@ test.serial('--publish HOSTPORT:GUESTPORT/udp reaches a UDP server in the guest:
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-net-udp-'));
   const image = await defaultImage();
   const initrd = await initrdWithVsockTool(scratch, image.initrd!, script);
-  const child = spawn(process.execPath, [path.join(root, 'dist', 'bundle', 'skiff.js'), 'boot', '--engine', 'qemu', '--timeout', '120', '--initrd', initrd, '--publish', `${hostPort}:7001/udp`, '--', 'sh', '/bin/check'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const ended = new Promise<number | null>((resolve) => child.on('close', resolve));
-  let done = false;
-  void ended.then(() => (done = true));
+  const vm = startSkiff(['boot', '--engine', 'qemu', '--timeout', '120', '--initrd', initrd, '--publish', `${hostPort}:7001/udp`, '--', 'sh', '/bin/check']);
   const sock = dgram.createSocket('udp4');
   await new Promise<void>((resolve) => sock.bind(0, '127.0.0.1', resolve));
   const answers = new Map<number, Buffer>();
@@ -204,15 +137,15 @@ test.serial('--publish HOSTPORT:GUESTPORT/udp reaches a UDP server in the guest:
   const send = (b: Buffer) => new Promise<void>((resolve) => sock.send(b, hostPort, '127.0.0.1', () => resolve()));
   // Until the guest's server is up, slirp hands the datagrams to a guest that drops them: send
   // whatever has no answer yet again every 200 ms.
-  while (!done && answers.size < messages.length) {
+  while (!vm.ended() && answers.size < messages.length) {
     for (const [i, m] of messages.entries()) if (!answers.has(i)) await send(m);
     await new Promise((r) => setTimeout(r, 200));
   }
-  while (!done) {
+  while (!vm.ended()) {
     await send(bye);
     await new Promise((r) => setTimeout(r, 200));
   }
-  const code = await ended;
+  const { code, stdout, stderr } = await vm.result;
   sock.close();
   await fs.rm(scratch, { recursive: true, force: true });
   t.is(code, 0, stdout + stderr);

@@ -6,8 +6,6 @@
 import test from 'ava';
 import { randomBytes } from 'node:crypto';
 import { existsSync, promises as fs } from 'node:fs';
-import http from 'node:http';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { defaultImage } from '../src/image/default.js';
@@ -16,7 +14,7 @@ import { PVM_NATIVE_CMDLINE } from '../src/kernel/flavors.js';
 import { inspectKernel } from '../src/kernel/inspect.js';
 import { makeVmConfig } from '../src/vm/config.js';
 import { engineCmdline, kernelRelease, NativeMachine, startNative } from '../src/vm/native.js';
-import { freePort, guestPattern, hostEcho, initrdWithVsockTool, pattern, publishedExchange, sha256, skiff, upperCaseListener } from './helpers.js';
+import { freePort, guestPattern, hostHttpServer, hostEcho, initrdWithVsockTool, pattern, publishedExchange, sha256, skiff, upperCaseListener } from './helpers.js';
 
 /**
  * Seconds allowed for one boot to init and back: measured ~90-120 s here, but a CI run with other
@@ -121,17 +119,9 @@ test.serial('pvm-native: Linux virtio_blk, virtio_rng, vsock and virtio_net (NAT
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-pvm-virtio-'));
   const hostToken = `host-token-${randomBytes(8).toString('hex')}`;
   const blob = randomBytes(BLOB_BYTES);
-  const requests: string[] = [];
-  const server = http.createServer((req, res) => {
-    requests.push(`${req.method} ${req.url}`);
-    if (req.method === 'GET' && req.url === '/token') return res.end(hostToken);
-    if (req.method === 'GET' && req.url === '/blob') return res.end(blob);
-    res.statusCode = 404;
-    res.end();
-  });
+  const server = await hostHttpServer(hostToken, blob);
+  const { port: httpPort, requests } = server;
   try {
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const httpPort = (server.address() as net.AddressInfo).port;
     const publishPort = await freePort();
     const BYTES = 8192;
     const fromHost = pattern('host-to-guest', BYTES);

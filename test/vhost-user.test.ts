@@ -8,8 +8,6 @@ import test from 'ava';
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, promises as fs } from 'node:fs';
-import { createServer } from 'node:http';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -18,7 +16,7 @@ import { cachedKernel } from '../src/kernel/build.js';
 import { packageRoot } from '../src/paths.js';
 import { makeVmConfig } from '../src/vm/config.js';
 import { qemuArgs, startQemu } from '../src/vm/qemu.js';
-import { freePort, guestPattern, hostEcho, initrdWithVsockTool, pattern, publishedExchange, sha256, skiff, upperCaseListener } from './helpers.js';
+import { freePort, guestPattern, hostHttpServer, hostEcho, initrdWithVsockTool, pattern, publishedExchange, sha256, skiff, upperCaseListener } from './helpers.js';
 
 const execFileP = promisify(execFile);
 const root = packageRoot();
@@ -189,25 +187,8 @@ test.serial('the device server built with ASan/UBSan serves a guest cleanly (blk
   // The host's HTTP server on loopback, which the guest reaches as 10.0.2.2.
   const token = `asan-token-${randomBytes(8).toString('hex')}`;
   const blob = randomBytes(512 * 1024);
-  const uploads: string[] = [];
-  const http = createServer((req, res) => {
-    if (req.method === 'GET' && req.url === '/token') return res.end(token);
-    if (req.method === 'GET' && req.url === '/blob') return res.end(blob);
-    if (req.method === 'POST' && req.url === '/upload') {
-      const parts: Buffer[] = [];
-      req.on('data', (d: Buffer) => parts.push(d));
-      req.on('end', () => {
-        const body = Buffer.concat(parts);
-        uploads.push(sha256(body));
-        res.end(`uploaded ${body.length}`);
-      });
-      return;
-    }
-    res.statusCode = 404;
-    res.end();
-  });
-  await new Promise<void>((resolve) => http.listen(0, '127.0.0.1', resolve));
-  const httpPort = (http.address() as net.AddressInfo).port;
+  const http = await hostHttpServer(token, blob);
+  const { port: httpPort, uploads } = http;
   const hostPort = await freePort();
 
   const server = spawn(bin, [dir, '--disk', file, '--rng', '--vsock', '--net', '--publish', `${hostPort}:7000`], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -270,7 +251,7 @@ test.serial('the device server built with ASan/UBSan serves a guest cleanly (blk
   const up = /^up ([0-9a-f]{64}) /m.exec(out)?.[1];
   t.truthy(up, out);
   t.deepEqual(uploads, [up], 'the host received exactly what the guest sent');
-  t.regex(out, new RegExp(`^reply uploaded ${UP}\\r?$`, 'm'), out);
+  t.regex(out, new RegExp(`^reply uploaded ${UP} [0-9a-f]{64}\\r?$`, 'm'), out);
   const nl = published.indexOf('\n');
   t.is(published.subarray(0, nl).toString(), `${guestToken} hello-from-host`, out);
   t.is(published.length - nl - 1, SERVED, out);
