@@ -431,11 +431,7 @@ void Vsock::updateWatch(Conn& c) {
   if (read == c.watchRead && write == c.watchWrite) return;
   c.watchRead = read;
   c.watchWrite = write;
-  if (read || write) {
-    host_.watch(c.fd, read, write);
-  } else {
-    host_.unwatch(c.fd);
-  }
+  host_.watch(c.fd, read, write);  // both false: no interest for now; only close() unwatches
 }
 
 void Vsock::close(uint64_t k, bool reset) {
