@@ -43,6 +43,9 @@ export class BootCommand extends SkiffCommand {
     validator: t.isEnum(['nat', 'none'] as const),
   });
   publish = Option.Array('--publish,-p', [], { description: 'Forward host 127.0.0.1:HOSTPORT to guest port GUESTPORT (tcp, or /udp); implies --network nat. Repeatable' });
+  vmDir = Option.String('--vm-dir', {
+    description: "Put the VM's sockets in DIR (made 0700 if missing): DIR/vsock reaches guest ports (write \"CONNECT PORT\\n\"), guest connections to host port P reach a listener at DIR/vsock_P (default: a private temporary directory)",
+  });
   timeout = Option.String('--timeout', { description: 'Stop the guest after this many seconds (exit 124)', validator: t.isNumber() });
   verbose = Option.Boolean('--verbose,-v', false, { description: "Show the kernel's boot messages and skiff's engine choice" });
   quiet = Option.Boolean('--quiet,-q', false, { description: 'No progress output' });
@@ -76,10 +79,14 @@ export class BootCommand extends SkiffCommand {
       disks,
       network: this.network,
       publish,
+      vmDir: this.vmDir,
     });
 
     const machine = await startMachine(config, selection);
-    if (this.verbose) stderr.write(`skiff: ${machine.description}, ${config.cpus} vCPU, ${config.memoryMiB} MiB\nskiff: cmdline: ${config.cmdline}\n`);
+    if (this.verbose) {
+      stderr.write(`skiff: ${machine.description}, ${config.cpus} vCPU, ${config.memoryMiB} MiB\nskiff: cmdline: ${config.cmdline}\n`);
+      stderr.write(`skiff: vsock: ${machine.vsockPath} (guest CID 3); guest connections to CID 2 port P reach ${machine.vmDir}/vsock_P\n`);
+    }
     machine.output.pipe(this.context.stdout, { end: false });
     // skiff's own last words must start on a line of their own, even if the guest's did not end one.
     let midLine = false;

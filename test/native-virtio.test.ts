@@ -136,14 +136,9 @@ test('a disk another VM holds is refused with a one-line error naming it', async
  * half: a listener at <vm-dir>/vsock_5000 that echoes, and a connection to guest port 6000 through
  * <vm-dir>/vsock (retried until the guest's driver is up) that sends `message` and reads the echo.
  */
-async function vsockRun(name: string, message: string) {
-  const config = await makeVmConfig({ kernel: GUEST, memoryMiB: 32, timeoutSec: 60, cmdline: `skiff.test=${name}` });
-  const machine = (await startNative(config)) as NativeMachine;
-  let out = '';
-  machine.output.on('data', (d: Buffer) => (out += d.toString('latin1')));
-  const dirMode = (await fs.stat(machine.vmDir)).mode & 0o777;
-
+async function vsockRun(name: string, message: string, vmDir?: string) {
   // The guest connects to CID 2 port 5000: the host listens at <vm-dir>/vsock_5000 and echoes.
+  // With a chosen vmDir (skiff boot --vm-dir) the listener is there before the VM starts.
   const fromGuest: Buffer[] = [];
   const server = net.createServer((s) => {
     s.on('data', (d) => {
@@ -153,7 +148,15 @@ async function vsockRun(name: string, message: string) {
     s.on('end', () => s.end());
     s.on('error', () => {});
   });
-  await new Promise<void>((resolve) => server.listen(path.join(machine.vmDir, 'vsock_5000'), resolve));
+  const listen = (dir: string) => new Promise<void>((resolve) => server.listen(path.join(dir, 'vsock_5000'), resolve));
+  const early = vmDir !== undefined && existsSync(vmDir);
+  if (early) await listen(vmDir);
+  const config = await makeVmConfig({ kernel: GUEST, memoryMiB: 32, timeoutSec: 60, cmdline: `skiff.test=${name}`, vmDir });
+  const machine = (await startNative(config)) as NativeMachine;
+  let out = '';
+  machine.output.on('data', (d: Buffer) => (out += d.toString('latin1')));
+  const dirMode = (await fs.stat(machine.vmDir)).mode & 0o777;
+  if (!early) await listen(machine.vmDir);
 
   // The host connects to guest port 6000, retrying until the guest's driver is up.
   let ended = false;
@@ -189,8 +192,9 @@ async function vsockRun(name: string, message: string) {
     else await new Promise((r) => setTimeout(r, 20));
   }
   const result = await exit;
-  server.close();
-  return { result, out, lines: said(out), fromGuest: Buffer.concat(fromGuest).toString(), handshake, echo, dirMode, socketMode };
+  const leftInDir = await fs.readdir(machine.vmDir).catch(() => undefined);
+  await new Promise((resolve) => server.close(resolve));
+  return { result, out, lines: said(out), fromGuest: Buffer.concat(fromGuest).toString(), handshake, echo, dirMode, socketMode, vmDir: machine.vmDir, leftInDir };
 }
 
 test('virtio-vsock: guest -> host listener at <vm-dir>/vsock_5000 and host -> guest through <vm-dir>/vsock, both echoed', async (t) => {
@@ -210,6 +214,68 @@ test('virtio-vsock: guest -> host listener at <vm-dir>/vsock_5000 and host -> gu
   t.regex(lines.find((l) => l.startsWith('virtio-vsock echoed='))!, new RegExp(`^virtio-vsock echoed=${message.length} host-closed=1 irqs=\\d+ interrupt-status=[01]$`));
   t.is(r.dirMode, 0o700);
   t.is(r.socketMode, 0o600);
+  t.is(r.leftInDir, undefined, 'the private VM directory is gone');
+});
+
+test('virtio-vsock with a VM directory the user chose: a host listener made before the VM starts gets the guest, and only skiff\'s own sockets go at the end', async (t) => {
+  const parent = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-vmdir-'));
+  try {
+    // A directory that is not there yet: skiff makes it 0700, and at the end removes its own
+    // sockets (the directory itself only if nothing else is left: here the host's listener is).
+    const fresh = path.join(parent, 'fresh');
+    const made = await vsockRun('virtio-vsock', 'ping fresh', fresh);
+    t.deepEqual(made.result, { kind: 'exited', status: 0 }, made.out);
+    t.is(made.vmDir, fresh);
+    t.is(made.dirMode, 0o700);
+    t.is(made.fromGuest, 'hello from the guest over vsock');
+    t.is(made.echo, 'ping fresh');
+    t.deepEqual(made.leftInDir, ['vsock_5000']);
+
+    // The user's own directory, with the listener in it before the boot: it stays, with the
+    // user's file, and skiff's vsock socket goes.
+    const mine = path.join(parent, 'mine');
+    await fs.mkdir(mine, { mode: 0o700 });
+    await fs.writeFile(path.join(mine, 'notes'), 'mine');
+    const r = await vsockRun('virtio-vsock', 'ping mine', mine);
+    t.deepEqual(r.result, { kind: 'exited', status: 0 }, r.out);
+    t.is(r.fromGuest, 'hello from the guest over vsock', 'the listener made before the VM got the guest bytes');
+    t.is(r.handshake, 'OK 6000\n');
+    t.is(r.echo, 'ping mine');
+    t.deepEqual(r.leftInDir?.sort(), ['notes', 'vsock_5000'], 'after the VM: the user\'s entries only');
+    t.is(await fs.readFile(path.join(mine, 'notes'), 'utf8'), 'mine');
+  } finally {
+    await fs.rm(parent, { recursive: true, force: true });
+  }
+});
+
+test('--vm-dir that others can enter, that is a file, or that another VM holds: one-line error, exit 125, nothing touched', async (t) => {
+  const parent = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-vmdir-'));
+  try {
+    const open = path.join(parent, 'open');
+    await fs.mkdir(open, { mode: 0o755 });
+    await fs.chmod(open, 0o755);
+    const file = path.join(parent, 'file');
+    await fs.writeFile(file, 'x');
+    const busy = path.join(parent, 'busy');
+    await fs.mkdir(busy, { mode: 0o700 });
+    await fs.writeFile(path.join(busy, 'vsock'), '');
+    const cases: [string, RegExp][] = [
+      [open, /^skiff: VM directory .*\/open: mode 755 lets others reach the VM's sockets \(chmod 700 it\)$/],
+      [file, /^skiff: VM directory .*\/file: not a directory$/],
+      [busy, /^skiff: VM directory .*\/busy: already holds vsock \(is another VM using it\?\)$/],
+      [path.join(parent, 'no', 'such'), /^skiff: VM directory .*\/no\/such: its parent directory does not exist$/],
+    ];
+    for (const [dir, message] of cases) {
+      const r = await skiff(['boot', '--engine', 'native', '--kernel', GUEST, '--memory', '32', '--timeout', '30', '--cmdline', 'skiff.test=exit=0', '--vm-dir', dir]);
+      t.is(r.code, 125, `${dir}: ${r.stderr}`);
+      t.regex(r.stderr.trim(), message);
+      t.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+    }
+    t.deepEqual(await fs.readdir(busy), ['vsock'], "another VM's socket is left alone");
+    t.is(await fs.readFile(file, 'utf8'), 'x');
+  } finally {
+    await fs.rm(parent, { recursive: true, force: true });
+  }
 });
 
 // The same traffic with the guest driver working as Linux's does: it looks at a used ring only

@@ -34,9 +34,52 @@ export async function runtimeDir(): Promise<string> {
   return dir;
 }
 
-/** A fresh private directory for one VM's sockets and status files. */
-export async function makeVmDir(): Promise<string> {
-  return fs.mkdtemp(path.join(await runtimeDir(), 'vm-'));
+/** One VM's directory for its sockets and status file, and how to let go of it when the VM ends. */
+export interface VmDir {
+  readonly path: string;
+  /** Removes what skiff made there (and the directory, if skiff made it and nothing else is left). */
+  release(): Promise<void>;
+}
+
+/** The names skiff's engines create in a VM directory; a user's `vsock_PORT` listeners are not among them. */
+const VM_DIR_ENTRIES = /^(vsock|status|(blk\d+|rng|vsock|net)\.sock)$/;
+
+/**
+ * A VM's directory: by default a fresh private one under the runtime directory, removed whole when
+ * the VM ends. `chosen` (`skiff boot --vm-dir`) is one the user names, so that the vsock paths are
+ * known before the VM starts and host listeners (`vsock_PORT`) can be put there first: it is
+ * created 0700 if missing, must otherwise be a directory of the user's that nobody else can enter,
+ * and must not hold another VM's sockets. Only skiff's own entries are removed at the end.
+ */
+export async function makeVmDir(chosen?: string): Promise<VmDir> {
+  if (chosen === undefined) {
+    const dir = await fs.mkdtemp(path.join(await runtimeDir(), 'vm-'));
+    return { path: dir, release: () => fs.rm(dir, { recursive: true, force: true }) };
+  }
+  const dir = path.resolve(chosen);
+  const fail = (why: string) => new StoreError(`VM directory ${chosen}: ${why}`);
+  let created = false;
+  try {
+    await fs.mkdir(dir, { mode: 0o700 });
+    created = true;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'EEXIST') throw fail(code === 'ENOENT' ? 'its parent directory does not exist' : (err as Error).message);
+  }
+  const st = await fs.lstat(dir);
+  if (!st.isDirectory()) throw fail('not a directory');
+  if (process.getuid && st.uid !== process.getuid()) throw fail('owned by another user');
+  if ((st.mode & 0o077) !== 0) throw fail(`mode ${(st.mode & 0o777).toString(8)} lets others reach the VM's sockets (chmod 700 it)`);
+  const taken = (await fs.readdir(dir)).filter((name) => VM_DIR_ENTRIES.test(name));
+  if (taken.length > 0) throw fail(`already holds ${taken.join(', ')} (is another VM using it?)`);
+  return {
+    path: dir,
+    release: async () => {
+      const names = await fs.readdir(dir).catch(() => [] as string[]);
+      await Promise.all(names.filter((name) => VM_DIR_ENTRIES.test(name)).map((name) => fs.rm(path.join(dir, name), { force: true })));
+      if (created) await fs.rmdir(dir).catch(() => {});
+    },
+  };
 }
 
 export function sha256(...parts: (string | Uint8Array)[]): string {

@@ -40,6 +40,8 @@ export interface VmConfigInput {
   network?: NetworkMode;
   /** Host loopback ports forwarded into the guest (implies network 'nat'). */
   publish?: readonly PortForward[];
+  /** The VM's directory for its sockets (vsock, vsock_PORT); absent: a fresh private one. */
+  vmDir?: string;
 }
 
 export type NetworkMode = 'nat' | 'none';
@@ -74,6 +76,8 @@ export interface VmConfig {
   readonly disks: readonly Disk[];
   readonly network: NetworkMode;
   readonly publish: readonly PortForward[];
+  /** The directory the user chose for the VM's sockets (src/store/store.ts makeVmDir). */
+  readonly vmDir?: string;
 }
 
 function checkRange(name: string, value: number, range: { min: number; max: number }, integer: boolean): number {
@@ -209,6 +213,7 @@ export async function makeVmConfig(input: VmConfigInput): Promise<VmConfig> {
     disks: Object.freeze(await checkDisks(input.disks ?? [])),
     publish: Object.freeze(checkPublish(input.publish ?? [])),
     network: input.network ?? ((input.publish?.length ?? 0) > 0 ? 'nat' : 'none'),
+    vmDir: input.vmDir,
   };
   if (config.network === 'none' && config.publish.length > 0) throw new VmConfigError('--publish needs a network: drop --network none');
   return Object.freeze(config);

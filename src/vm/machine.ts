@@ -28,6 +28,13 @@ export interface Machine {
   readonly output: Readable & { tail(): string };
   /** Console input to the guest. */
   readonly input: Writable;
+  /** The VM's directory (0700) for its sockets: `vsockPath`, and `vsock_PORT` for host listeners. */
+  readonly vmDir: string;
+  /**
+   * Host → guest vsock (guest CID 3): connect, write "CONNECT <port>\n", read "OK <port>\n", then the
+   * stream is the guest's. A guest connection to CID 2 port P reaches a listener at `vmDir/vsock_P`.
+   */
+  readonly vsockPath: string;
   /** skiff-init's ready marker; undefined if the machine ended before it said it was ready. */
   readonly ready: Promise<ReadyMarker | undefined>;
   /** Resolves once, when the machine has ended and its resources are released. */

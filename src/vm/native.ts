@@ -7,7 +7,7 @@ import { PVM_NATIVE_CMDLINE } from '../kernel/flavors.js';
 import type { KernelInfo } from '../kernel/inspect.js';
 import { loadAddon, type NativeMachineConfig, type NativeResult } from './addon.js';
 import { EngineUnavailableError, probeHost } from './host.js';
-import { makeVmDir } from '../store/store.js';
+import { makeVmDir, type VmDir } from '../store/store.js';
 import { ConsoleTap, findPanic, type ReadyMarker } from './console.js';
 import { netDevice, type VmConfig } from './config.js';
 import type { Machine, MachineExit } from './machine.js';
@@ -20,11 +20,11 @@ export async function startNative(config: VmConfig): Promise<Machine> {
     const others = config.network === 'none' ? 'one each for rng and vsock' : 'one each for rng, vsock and net';
     throw new EngineUnavailableError(`the native engine takes at most ${maxDisks} disks with --network ${config.network} (8 virtio-mmio slots, ${others}), got ${config.disks.length}`);
   }
-  const vmDir = await makeVmDir();
+  const vmDir = await makeVmDir(config.vmDir);
   try {
     return new NativeMachine(config, engineCmdline(config.cmdline, release), vmDir);
   } catch (err) {
-    await fs.rm(vmDir, { recursive: true, force: true });
+    await vmDir.release();
     throw err;
   }
 }
@@ -134,7 +134,7 @@ export class NativeMachine implements Machine {
   private readonly exit: Promise<MachineExit>;
   private timedOut = false;
   private readonly handle;
-  /** The VM's private directory (0700), removed when it ends. */
+  /** The VM's directory (0700); what skiff made there goes when the VM ends. */
   readonly vmDir: string;
   /** Host -> guest vsock: connect here, send "CONNECT <port>\n", read "OK <port>\n", then the stream is the guest's. */
   readonly vsockPath: string;
@@ -142,8 +142,9 @@ export class NativeMachine implements Machine {
   constructor(
     private readonly config: VmConfig,
     boot: { cmdline: string; added: string },
-    vmDir: string,
+    dir: VmDir,
   ) {
+    const vmDir = dir.path;
     this.vmDir = vmDir;
     this.vsockPath = path.join(vmDir, 'vsock');
     const addon = loadAddon();
@@ -165,7 +166,7 @@ export class NativeMachine implements Machine {
     }, config.timeoutMs);
     this.exit = handle.start((chunk) => this.output.write(chunk)).then(async (result) => {
       if (timer) clearTimeout(timer);
-      await fs.rm(vmDir, { recursive: true, force: true });
+      await dir.release();
       this.lastResult = result;
       this.output.end();
       markReady(undefined);

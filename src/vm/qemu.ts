@@ -6,7 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { makeVmDir } from '../store/store.js';
+import { makeVmDir, type VmDir } from '../store/store.js';
 import { loadAddon, type DeviceServerHandle } from './addon.js';
 import { ConsoleTap, findPanic, type ReadyMarker } from './console.js';
 import { EXIT_PORT, netDevice, type VmConfig } from './config.js';
@@ -120,15 +120,15 @@ export function serveDevices(config: VmConfig, vmDir: string): DeviceServerHandl
 }
 
 export async function startQemu(config: VmConfig, options: QemuOptions): Promise<QemuMachine> {
-  const vmDir = await makeVmDir();
+  const vmDir = await makeVmDir(config.vmDir);
   let devices: DeviceServerHandle;
   try {
-    devices = serveDevices(config, vmDir);
+    devices = serveDevices(config, vmDir.path);
   } catch (err) {
-    await fs.rm(vmDir, { recursive: true, force: true });
+    await vmDir.release();
     throw err;
   }
-  const statusFile = path.join(vmDir, 'status');
+  const statusFile = path.join(vmDir.path, 'status');
   const binary = options.binary ?? QEMU_BINARY;
   const child = spawn(binary, qemuArgs(config, statusFile, options, devices), { stdio: ['pipe', 'pipe', 'pipe'] });
   return new QemuMachine(child, config, vmDir, statusFile, options, binary, devices);
@@ -144,6 +144,7 @@ export class QemuMachine implements Machine {
   private readonly exit: Promise<MachineExit>;
   /** The host end of vsock: connect and write "CONNECT <port>\n" to reach guest port <port>. */
   readonly vsockPath: string;
+  readonly vmDir: string;
   private stderrTail = '';
   private timedOut = false;
   private killed = false;
@@ -152,14 +153,15 @@ export class QemuMachine implements Machine {
   constructor(
     private readonly child: ChildProcess,
     private readonly config: VmConfig,
-    /** The VM's private directory (0700): vhost-user sockets, vsock sockets, the status file. */
-    readonly vmDir: string,
+    /** The VM's directory (0700): vhost-user sockets, vsock sockets, the status file. */
+    private readonly dir: VmDir,
     private readonly statusFile: string,
     options: QemuOptions,
     binary: string,
     private readonly devices: DeviceServerHandle,
   ) {
     this.hostPid = child.pid;
+    this.vmDir = dir.path;
     this.vsockPath = devices.vsockPath;
     this.description = `qemu microvm (${options.icount ? 'tcg, icount' : options.accel})`;
     let markReady: (m: ReadyMarker | undefined) => void = () => {};
@@ -190,7 +192,7 @@ export class QemuMachine implements Machine {
       this.devices.close();
       const result = await this.judge(ended, binary);
       markReady(undefined);
-      await fs.rm(this.vmDir, { recursive: true, force: true });
+      await this.dir.release();
       return result;
     });
   }
