@@ -123,21 +123,30 @@ void UnixVsockHost::watch(int fd, bool readable, bool writable) {
 }
 
 void UnixVsockHost::unwatch(int fd) {
+  uint64_t gen = 0;
+  bool had = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    gen_.erase(fd);
+    auto it = gen_.find(fd);
+    if (it != gen_.end()) {
+      gen = it->second;
+      had = true;
+      gen_.erase(it);
+    }
   }
   if (loop_.onLoopThread()) {
     removeRegistration(fd);
     return;
   }
   // Not waiting (see the header). The descriptor is closed right after this: epoll forgets it
-  // then, and the loop's own record goes when the task runs, unless the number was watched again
-  // (that watch replaces the registration itself: its generation differs).
-  auto task = [this, fd] {
+  // then, and the loop's own record goes when the task runs, but only if it is still this
+  // socket's: by then the number may belong to a newer socket, watched again (its generation
+  // differs) or a host connection the listener accepted (not in registered_ at all).
+  auto task = [this, fd, gen, had] {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (gen_.count(fd)) return;
+      auto r = registered_.find(fd);
+      if (!had || gen_.count(fd) || r == registered_.end() || r->second.gen != gen) return;
     }
     removeRegistration(fd);
   };
@@ -202,6 +211,14 @@ void UnixVsockHost::acceptAll() {
       continue;
     }
     handshakes_[fd];
+    // A number accept4 just handed out can only have a stale registration: a device socket closed
+    // on another thread whose posted removal has not run yet. It goes first.
+    bool stale;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stale = registered_.erase(fd) > 0;
+    }
+    if (stale) loop_.remove(fd);
     loop_.add(fd, kReadable, [this, fd](uint32_t) { handshake(fd); });
   }
 }
