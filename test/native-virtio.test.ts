@@ -2,6 +2,7 @@
 // the test guest's ring-3 virtio driver (test/guests/virtio.c) on the real /dev/kvm. Each test
 // checks what the guest reports and what the host sees: file contents, holes, socket traffic.
 import test from 'ava';
+import { spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, promises as fs } from 'node:fs';
 import net from 'node:net';
@@ -152,7 +153,10 @@ async function vsockRun(name: string, message: string, vmDir?: string) {
   const early = vmDir !== undefined && existsSync(vmDir);
   if (early) await listen(vmDir);
   const config = await makeVmConfig({ kernel: GUEST, memoryMiB: 32, timeoutSec: 60, cmdline: `skiff.test=${name}`, vmDir });
-  const machine = (await startNative(config)) as NativeMachine;
+  const machine = (await startNative(config).catch((err) => {
+    server.close();
+    throw err;
+  })) as NativeMachine;
   let out = '';
   machine.output.on('data', (d: Buffer) => (out += d.toString('latin1')));
   const dirMode = (await fs.stat(machine.vmDir)).mode & 0o777;
@@ -248,7 +252,7 @@ test('virtio-vsock with a VM directory the user chose: a host listener made befo
   }
 });
 
-test('--vm-dir that others can enter, that is a file, or that another VM holds: one-line error, exit 125, nothing touched', async (t) => {
+test('--vm-dir that others can enter, that is a file, that a live skiff holds, or with a user file on a socket name: one-line error, exit 125, nothing touched', async (t) => {
   const parent = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-vmdir-'));
   try {
     const open = path.join(parent, 'open');
@@ -258,11 +262,15 @@ test('--vm-dir that others can enter, that is a file, or that another VM holds: 
     await fs.writeFile(file, 'x');
     const busy = path.join(parent, 'busy');
     await fs.mkdir(busy, { mode: 0o700 });
-    await fs.writeFile(path.join(busy, 'vsock'), '');
+    await fs.writeFile(path.join(busy, '.skiff-vm'), `${process.pid}\n`); // this test's process is alive
+    const inTheWay = path.join(parent, 'in-the-way');
+    await fs.mkdir(inTheWay, { mode: 0o700 });
+    await fs.writeFile(path.join(inTheWay, 'vsock'), 'a file of the user');
     const cases: [string, RegExp][] = [
       [open, /^skiff: VM directory .*\/open: mode 755 lets others reach the VM's sockets \(chmod 700 it\)$/],
       [file, /^skiff: VM directory .*\/file: not a directory$/],
-      [busy, /^skiff: VM directory .*\/busy: already holds vsock \(is another VM using it\?\)$/],
+      [busy, new RegExp(`^skiff: VM directory .*/busy: in use by another skiff \\(process ${process.pid}; \\.skiff-vm holds its pid\\)$`)],
+      [inTheWay, /^skiff: VM directory .*\/in-the-way: vsock is in the way and is not a socket skiff left \(move it away\)$/],
       [path.join(parent, 'no', 'such'), /^skiff: VM directory .*\/no\/such: its parent directory does not exist$/],
     ];
     for (const [dir, message] of cases) {
@@ -271,10 +279,30 @@ test('--vm-dir that others can enter, that is a file, or that another VM holds: 
       t.regex(r.stderr.trim(), message);
       t.is(r.stderr.trim().split('\n').length, 1, r.stderr);
     }
-    t.deepEqual(await fs.readdir(busy), ['vsock'], "another VM's socket is left alone");
+    t.deepEqual(await fs.readdir(busy), ['.skiff-vm'], "a live skiff's lock is left alone");
+    t.deepEqual(await fs.readdir(inTheWay), ['vsock']);
+    t.is(await fs.readFile(path.join(inTheWay, 'vsock'), 'utf8'), 'a file of the user');
     t.is(await fs.readFile(file, 'utf8'), 'x');
   } finally {
     await fs.rm(parent, { recursive: true, force: true });
+  }
+});
+
+test('--vm-dir after a skiff was killed there: its lock and sockets are taken over, the boot works, the directory ends clean', async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-vmdir-'));
+  try {
+    // A dead skiff's leftovers: a lock with a pid that has exited, and its vsock socket, made by
+    // a process killed while it listened (so nothing unlinked it).
+    const dead = spawnSync(process.execPath, ['-e', '0']).pid;
+    await fs.writeFile(path.join(dir, '.skiff-vm'), `${dead}\n`);
+    spawnSync(process.execPath, ['-e', `require('node:net').createServer().listen(${JSON.stringify(path.join(dir, 'vsock'))}, () => process.kill(process.pid, 'SIGKILL'))`]);
+    t.true((await fs.lstat(path.join(dir, 'vsock'))).isSocket());
+    await fs.writeFile(path.join(dir, 'keep'), 'mine');
+    const r = await skiff(['boot', '--engine', 'native', '--kernel', GUEST, '--memory', '32', '--timeout', '30', '--cmdline', 'skiff.test=exit=0', '--vm-dir', dir]);
+    t.is(r.code, 0, r.stderr);
+    t.deepEqual(await fs.readdir(dir), ['keep']);
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
   }
 });
 

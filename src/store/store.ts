@@ -42,44 +42,71 @@ export interface VmDir {
 }
 
 /** The names skiff's engines create in a VM directory; a user's `vsock_PORT` listeners are not among them. */
-const VM_DIR_ENTRIES = /^(vsock|status|(blk\d+|rng|vsock|net)\.sock)$/;
+const VM_DIR_ENTRIES = /^(vsock|skiff-status|(blk\d+|rng|vsock|net)\.sock)$/;
+/** In a VM directory the user chose: the pid of the skiff that uses it. */
+const VM_DIR_LOCK = '.skiff-vm';
 
 /**
  * A VM's directory: by default a fresh private one under the runtime directory, removed whole when
  * the VM ends. `chosen` (`skiff boot --vm-dir`) is one the user names, so that the vsock paths are
- * known before the VM starts and host listeners (`vsock_PORT`) can be put there first: it is
- * created 0700 if missing, must otherwise be a directory of the user's that nobody else can enter,
- * and must not hold another VM's sockets. Only skiff's own entries are removed at the end.
+ * known before the VM starts and host listeners (`vsock_PORT`) can be put there first. It is
+ * created 0700 if missing, and must otherwise be a directory of the user's that nobody else can
+ * enter. skiff claims it with a lock file holding its pid: a directory a live skiff holds is
+ * refused; sockets a dead one left behind are removed. Only skiff's own entries go at the end.
  */
 export async function makeVmDir(chosen?: string): Promise<VmDir> {
   if (chosen === undefined) {
     const dir = await fs.mkdtemp(path.join(await runtimeDir(), 'vm-'));
-    return { path: dir, release: () => fs.rm(dir, { recursive: true, force: true }) };
+    return { path: dir, release: () => fs.rm(dir, { recursive: true, force: true }).catch(() => {}) };
   }
   const dir = path.resolve(chosen);
-  const fail = (why: string) => new StoreError(`VM directory ${chosen}: ${why}`);
+  const lock = path.join(dir, VM_DIR_LOCK);
   let created = false;
+  let locked = false;
+  // Never throws: a VM's ending must not fail on its clean-up.
+  const release = async () => {
+    const names = await fs.readdir(dir).catch(() => [] as string[]);
+    await Promise.all(names.filter((name) => VM_DIR_ENTRIES.test(name)).map((name) => fs.rm(path.join(dir, name), { force: true }).catch(() => {})));
+    if (locked) await fs.rm(lock, { force: true }).catch(() => {});
+    if (created) await fs.rmdir(dir).catch(() => {});
+  };
+  const fail = async (why: string) => {
+    await release();
+    return new StoreError(`VM directory ${chosen}: ${why}`);
+  };
   try {
     await fs.mkdir(dir, { mode: 0o700 });
     created = true;
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code !== 'EEXIST') throw fail(code === 'ENOENT' ? 'its parent directory does not exist' : (err as Error).message);
+    if (code !== 'EEXIST') throw await fail(code === 'ENOENT' ? 'its parent directory does not exist' : (err as Error).message);
   }
   const st = await fs.lstat(dir);
-  if (!st.isDirectory()) throw fail('not a directory');
-  if (process.getuid && st.uid !== process.getuid()) throw fail('owned by another user');
-  if ((st.mode & 0o077) !== 0) throw fail(`mode ${(st.mode & 0o777).toString(8)} lets others reach the VM's sockets (chmod 700 it)`);
-  const taken = (await fs.readdir(dir)).filter((name) => VM_DIR_ENTRIES.test(name));
-  if (taken.length > 0) throw fail(`already holds ${taken.join(', ')} (is another VM using it?)`);
-  return {
-    path: dir,
-    release: async () => {
-      const names = await fs.readdir(dir).catch(() => [] as string[]);
-      await Promise.all(names.filter((name) => VM_DIR_ENTRIES.test(name)).map((name) => fs.rm(path.join(dir, name), { force: true })));
-      if (created) await fs.rmdir(dir).catch(() => {});
-    },
-  };
+  if (!st.isDirectory()) throw await fail('not a directory');
+  if (process.getuid && st.uid !== process.getuid()) throw await fail('owned by another user');
+  if ((st.mode & 0o077) !== 0) throw await fail(`mode ${(st.mode & 0o777).toString(8)} lets others reach the VM's sockets (chmod 700 it)`);
+  for (let attempt = 0; !locked; attempt++) {
+    try {
+      await fs.writeFile(lock, `${process.pid}\n`, { flag: 'wx', mode: 0o600 });
+      locked = true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw await fail((err as Error).message);
+      const pid = Number.parseInt(await fs.readFile(lock, 'utf8').catch(() => ''), 10);
+      if (attempt > 0 || processAlive(pid)) throw await fail(`in use by another skiff (process ${pid}; ${VM_DIR_LOCK} holds its pid)`);
+      await fs.rm(lock, { force: true }); // its skiff is gone
+    }
+  }
+  for (const name of (await fs.readdir(dir)).filter((n) => VM_DIR_ENTRIES.test(n))) {
+    // Nobody uses this directory now: skiff's sockets here are a dead VM's. Anything else with
+    // one of skiff's names is the user's, and skiff would have replaced it.
+    if (!(await fs.lstat(path.join(dir, name))).isSocket() && name !== 'skiff-status') {
+      locked = false; // keep the user's entry: release() removes skiff's names, so say it first
+      await fs.rm(lock, { force: true });
+      throw new StoreError(`VM directory ${chosen}: ${name} is in the way and is not a socket skiff left (move it away)`);
+    }
+    await fs.rm(path.join(dir, name), { force: true });
+  }
+  return { path: dir, release };
 }
 
 export function sha256(...parts: (string | Uint8Array)[]): string {
@@ -131,6 +158,7 @@ export async function exists(file: string): Promise<boolean> {
 }
 
 function processAlive(pid: number): boolean {
+  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
   try {
     process.kill(pid, 0);
     return true;

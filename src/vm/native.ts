@@ -166,10 +166,10 @@ export class NativeMachine implements Machine {
     }, config.timeoutMs);
     this.exit = handle.start((chunk) => this.output.write(chunk)).then(async (result) => {
       if (timer) clearTimeout(timer);
-      await dir.release();
       this.lastResult = result;
       this.output.end();
       markReady(undefined);
+      await dir.release();
       return this.judge(result);
     });
   }

@@ -128,9 +128,16 @@ export async function startQemu(config: VmConfig, options: QemuOptions): Promise
     await vmDir.release();
     throw err;
   }
-  const statusFile = path.join(vmDir.path, 'status');
+  const statusFile = path.join(vmDir.path, 'skiff-status');
   const binary = options.binary ?? QEMU_BINARY;
-  const child = spawn(binary, qemuArgs(config, statusFile, options, devices), { stdio: ['pipe', 'pipe', 'pipe'] });
+  let child: ChildProcess;
+  try {
+    child = spawn(binary, qemuArgs(config, statusFile, options, devices), { stdio: ['pipe', 'pipe', 'pipe'] });
+  } catch (err) {
+    devices.close();
+    await vmDir.release();
+    throw err;
+  }
   return new QemuMachine(child, config, vmDir, statusFile, options, binary, devices);
 }
 
