@@ -16,7 +16,8 @@ targets=("$@")
 command -v clang++ >/dev/null || { echo "fuzz: clang++ not found (scripts/setup.sh installs clang and libclang-rt-14-dev)" >&2; exit 1; }
 key="$(cat "$src"/*.h "$src"/*.cc "$src"/test/*.h "$src"/fuzz/*.h "$src"/fuzz/*.cc | sha256sum | cut -c1-16)"
 bin="$out/bin-$key"
-find "$out" -maxdepth 1 -name 'bin-*' ! -name "bin-$key" -exec rm -rf {} + 2>/dev/null || true
+# Builds of other sources go once a day old: another checkout may be building or running its own now.
+find "$out" -maxdepth 1 -name 'bin-*' ! -name "bin-$key" -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
 mkdir -p "$bin/obj" "$out/crashes"
 flags=(-std=c++17 -g -O1 -Wall -Wextra -Werror -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all -Ihypervisor)
 # The device core once, then each target linked against it.
