@@ -120,34 +120,43 @@ test.serial('--publish HOSTPORT:GUESTPORT/udp reaches a UDP server in the guest:
   // answer that counts is out.
   const script = `vsock-tool udp-echo 7001 ${messages.length + 1} && echo served`;
   const scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'skiff-net-udp-'));
-  const image = await defaultImage();
-  const initrd = await initrdWithVsockTool(scratch, image.initrd!, script);
-  const vm = startSkiff(['boot', '--engine', 'qemu', '--timeout', '120', '--initrd', initrd, '--publish', `${hostPort}:7001/udp`, '--', 'sh', '/bin/check']);
   const sock = dgram.createSocket('udp4');
-  await new Promise<void>((resolve) => sock.bind(0, '127.0.0.1', resolve));
+  sock.on('error', () => {});
+  let vm: ReturnType<typeof startSkiff> | undefined;
   const answers = new Map<number, Buffer>();
   const strays: Buffer[] = [];
-  const bye = Buffer.from('bye');
-  sock.on('message', (d: Buffer, from: dgram.RemoteInfo) => {
-    if (d.equals(udpEchoOf(bye))) return;
-    const i = messages.findIndex((m, k) => d.subarray(d.length - tail(k).length).equals(tail(k)));
-    if (i < 0 || from.port !== hostPort) strays.push(d);
-    else if (!answers.has(i)) answers.set(i, d);
-  });
-  const send = (b: Buffer) => new Promise<void>((resolve) => sock.send(b, hostPort, '127.0.0.1', () => resolve()));
-  // Until the guest's server is up, slirp hands the datagrams to a guest that drops them: send
-  // whatever has no answer yet again every 200 ms.
-  while (!vm.ended() && answers.size < messages.length) {
-    for (const [i, m] of messages.entries()) if (!answers.has(i)) await send(m);
-    await new Promise((r) => setTimeout(r, 200));
+  let result: Awaited<ReturnType<typeof startSkiff>['result']>;
+  try {
+    const image = await defaultImage();
+    const initrd = await initrdWithVsockTool(scratch, image.initrd!, script);
+    const running = startSkiff(['boot', '--engine', 'qemu', '--timeout', '120', '--initrd', initrd, '--publish', `${hostPort}:7001/udp`, '--', 'sh', '/bin/check']);
+    vm = running;
+    await new Promise<void>((resolve) => sock.bind(0, '127.0.0.1', resolve));
+    const bye = Buffer.from('bye');
+    sock.on('message', (d: Buffer, from: dgram.RemoteInfo) => {
+      if (d.equals(udpEchoOf(bye))) return;
+      const i = messages.findIndex((m, k) => d.subarray(d.length - tail(k).length).equals(tail(k)));
+      if (i < 0 || from.port !== hostPort) strays.push(d);
+      else if (!answers.has(i)) answers.set(i, d);
+    });
+    const send = (b: Buffer) => new Promise<void>((resolve) => sock.send(b, hostPort, '127.0.0.1', () => resolve()));
+    // Until the guest's server is up, slirp hands the datagrams to a guest that drops them: send
+    // whatever has no answer yet again every 200 ms.
+    while (!running.ended() && answers.size < messages.length) {
+      for (const [i, m] of messages.entries()) if (!answers.has(i)) await send(m);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    while (!running.ended()) {
+      await send(bye);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    result = await running.result;
+  } finally {
+    if (vm && !vm.ended()) vm.child.kill('SIGKILL');
+    sock.close();
+    await fs.rm(scratch, { recursive: true, force: true });
   }
-  while (!vm.ended()) {
-    await send(bye);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  const { code, stdout, stderr } = await vm.result;
-  sock.close();
-  await fs.rm(scratch, { recursive: true, force: true });
+  const { code, stdout, stderr } = result;
   t.is(code, 0, stdout + stderr);
   for (const [i, m] of messages.entries()) t.deepEqual(answers.get(i), udpEchoOf(m), `answer to datagram ${i} (${m.length} bytes)`);
   t.deepEqual(strays, [], 'no answer that matches no datagram');
