@@ -263,6 +263,7 @@ test('--vm-dir that others can enter, that is a file, that a live skiff holds, o
     const busy = path.join(parent, 'busy');
     await fs.mkdir(busy, { mode: 0o700 });
     await fs.writeFile(path.join(busy, '.skiff-vm'), `${process.pid}\n`); // this test's process is alive
+    await fs.writeFile(path.join(busy, 'skiff-status'), 'the live VM\'s'); // one of skiff's names
     const inTheWay = path.join(parent, 'in-the-way');
     await fs.mkdir(inTheWay, { mode: 0o700 });
     await fs.writeFile(path.join(inTheWay, 'vsock'), 'a file of the user');
@@ -279,7 +280,7 @@ test('--vm-dir that others can enter, that is a file, that a live skiff holds, o
       t.regex(r.stderr.trim(), message);
       t.is(r.stderr.trim().split('\n').length, 1, r.stderr);
     }
-    t.deepEqual(await fs.readdir(busy), ['.skiff-vm'], "a live skiff's lock is left alone");
+    t.deepEqual((await fs.readdir(busy)).sort(), ['.skiff-vm', 'skiff-status'], "a live skiff's lock and files are left alone");
     t.deepEqual(await fs.readdir(inTheWay), ['vsock']);
     t.is(await fs.readFile(path.join(inTheWay, 'vsock'), 'utf8'), 'a file of the user');
     t.is(await fs.readFile(file, 'utf8'), 'x');

@@ -63,11 +63,15 @@ export async function makeVmDir(chosen?: string): Promise<VmDir> {
   const lock = path.join(dir, VM_DIR_LOCK);
   let created = false;
   let locked = false;
-  // Never throws: a VM's ending must not fail on its clean-up.
+  // Never throws: a VM's ending must not fail on its clean-up. Entries go only while skiff holds
+  // the lock: before that they may be another VM's.
   const release = async () => {
-    const names = await fs.readdir(dir).catch(() => [] as string[]);
-    await Promise.all(names.filter((name) => VM_DIR_ENTRIES.test(name)).map((name) => fs.rm(path.join(dir, name), { force: true }).catch(() => {})));
-    if (locked) await fs.rm(lock, { force: true }).catch(() => {});
+    if (locked) {
+      const names = await fs.readdir(dir).catch(() => [] as string[]);
+      await Promise.all(names.filter((name) => VM_DIR_ENTRIES.test(name)).map((name) => fs.rm(path.join(dir, name), { force: true }).catch(() => {})));
+      await fs.rm(lock, { force: true }).catch(() => {});
+      locked = false;
+    }
     if (created) await fs.rmdir(dir).catch(() => {});
   };
   const fail = async (why: string) => {
@@ -100,9 +104,9 @@ export async function makeVmDir(chosen?: string): Promise<VmDir> {
     // Nobody uses this directory now: skiff's sockets here are a dead VM's. Anything else with
     // one of skiff's names is the user's, and skiff would have replaced it.
     if (!(await fs.lstat(path.join(dir, name))).isSocket() && name !== 'skiff-status') {
-      locked = false; // keep the user's entry: release() removes skiff's names, so say it first
+      locked = false; // the user's entry stays: release() removes skiff's names only while locked
       await fs.rm(lock, { force: true });
-      throw new StoreError(`VM directory ${chosen}: ${name} is in the way and is not a socket skiff left (move it away)`);
+      throw await fail(`${name} is in the way and is not a socket skiff left (move it away)`);
     }
     await fs.rm(path.join(dir, name), { force: true });
   }
