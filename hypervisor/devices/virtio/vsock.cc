@@ -431,7 +431,11 @@ void Vsock::updateWatch(Conn& c) {
   if (read == c.watchRead && write == c.watchWrite) return;
   c.watchRead = read;
   c.watchWrite = write;
-  host_.watch(c.fd, read, write);  // both false: no interest for now; only close() unwatches
+  if (read || write) {
+    host_.watch(c.fd, read, write);
+  } else {
+    host_.unwatch(c.fd);
+  }
 }
 
 void Vsock::close(uint64_t k, bool reset) {

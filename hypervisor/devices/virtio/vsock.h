@@ -32,10 +32,9 @@ class VsockHost {
   // false the device closes `fd` right after this call.
   virtual void connected(int fd, bool accepted) = 0;
   // Readiness interest for a socket the device owns; the loop then calls Vsock::hostReady(fd)
-  // (level-triggered: again while the condition holds and the interest stands). Both false: no
-  // interest for now, the socket stays open (a host may keep its registration for the next watch).
+  // (level-triggered: again while the condition holds and the interest stands).
   virtual void watch(int fd, bool readable, bool writable) = 0;
-  // The socket is going: called before the device closes `fd`.
+  // No more interest; called before the device closes `fd`.
   virtual void unwatch(int fd) = 0;
 };
 

@@ -104,15 +104,15 @@ void UnixVsockHost::watch(int fd, bool readable, bool writable) {
       if (!currentLocked(fd, gen)) return;
       auto r = registered_.find(fd);
       modify = r != registered_.end() && r->second.gen == gen;
-      if (modify || events) registered_[fd] = {gen, events};
+      if (events) registered_[fd] = {gen, events};
     }
-    if (modify) {
-      loop_.modify(fd, events);  // none: the registration stays for the next interest
-    } else if (events) {
+    if (!events) {  // the device unwatches instead; kept for the interface's sake
+      removeRegistration(fd);
+    } else if (modify) {
+      loop_.modify(fd, events);
+    } else {
       loop_.remove(fd);  // a registration of an older socket with this number, if any
       loop_.add(fd, events, [this, fd, gen](uint32_t ev) { ready(fd, gen, ev); });
-    } else {
-      removeRegistration(fd);  // nothing to keep; an older socket's registration, if any, goes
     }
   };
   if (loop_.onLoopThread()) {
@@ -180,14 +180,6 @@ void UnixVsockHost::ready(int fd, uint64_t gen, uint32_t ev) {
     want = r->second.events;
   }
   bool broken = (ev & (kHangup | kError)) != 0;
-  if (!want) {
-    // No interest: events collected before the modify to none, or a hangup or error, which epoll
-    // reports whatever was asked for. A broken socket would stay ready and spin the
-    // level-triggered loop, so its registration goes; the next watch that asks for something
-    // adds it again (and sees the hangup at once).
-    if (broken) removeRegistration(fd);
-    return;
-  }
   bool readable = (want & kReadable) && ((ev & kReadable) || broken);
   bool writable = (want & kWritable) && ((ev & kWritable) || broken);
   bool ran = withDevice_([&] { vsock_->hostReady(fd, readable, writable); });

@@ -12,9 +12,7 @@
 // that lock in a handler): it posts the removal. A generation per socket keeps a late removal, or
 // a handler already collected, from acting on a newer registration of a reused descriptor number.
 // While a socket stays watched its interest changes by EventLoop::modify (one epoll_ctl), not by
-// a remove and an add; that includes "no interest for now" (watch(fd, false, false)), which keeps
-// the registration with no events. Only unwatch (the socket is closing) removes it, and a hangup
-// or error while nothing is asked for (epoll reports those regardless, and would spin).
+// a remove and an add.
 #pragma once
 #include <cstdint>
 #include <functional>
