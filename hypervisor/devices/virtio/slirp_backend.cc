@@ -220,17 +220,12 @@ bool SlirpBackend::drainToHost(int64_t budgetMs, int64_t idleMs) {
     fill_.clear();
     uint32_t timeoutMs = UINT32_MAX;
     slirp_pollfds_fill(slirp_, &timeoutMs, Callbacks::addPoll, this);
-    // Only output is polled: reading more from the host now would fill buffers nobody empties.
-    std::vector<pollfd> fds;
-    for (const PollFd& p : fill_) fds.push_back({p.fd, short(p.events & POLLOUT), 0});
-    if (std::none_of(fds.begin(), fds.end(), [](const pollfd& p) { return p.events != 0; })) return true;
+    if (std::none_of(fill_.begin(), fill_.end(), [](const PollFd& p) { return (p.events & POLLOUT) != 0; })) return true;
     now = nowNs() / 1000000;
-    int64_t wait = std::min({end, idleEnd, now + 50}) - now;  // 50: slirp's TCP timers keep running
     if (now >= end || now >= idleEnd) return false;
-    int n = ::poll(fds.data(), fds.size(), int(wait));
-    if (n > 0) idleEnd = nowNs() / 1000000 + idleMs;
-    for (size_t i = 0; i < fill_.size(); ++i) fill_[i].revents = n > 0 ? fds[i].revents : 0;
-    slirp_pollfds_poll(slirp_, n < 0 ? 1 : 0, Callbacks::getRevents, this);
+    int64_t wait = std::min({end, idleEnd, now + 50}) - now;  // 50: slirp's TCP timers keep running
+    // Only output is polled: reading more from the host now would fill buffers nobody empties.
+    if (pollOnce(POLLOUT, int(wait)) > 0) idleEnd = nowNs() / 1000000 + idleMs;
   }
 }
 
@@ -256,15 +251,16 @@ void SlirpBackend::onReady(int fd, uint32_t events) {
   update();
 }
 
-void SlirpBackend::pollOnce() {
-  // The loop said one socket is ready; one poll(2) over the whole set (a handful of sockets) gives
-  // libslirp every readiness at once, as its fill/poll contract expects.
+int SlirpBackend::pollOnce(short mask, int timeoutMs) {
+  // One poll(2) over the whole set (a handful of sockets) gives libslirp every readiness at once,
+  // as its fill/poll contract expects.
   std::vector<pollfd> fds(fill_.size());
-  for (size_t i = 0; i < fill_.size(); ++i) fds[i] = {fill_[i].fd, fill_[i].events, 0};
-  int n = fds.empty() ? 0 : ::poll(fds.data(), fds.size(), 0);
+  for (size_t i = 0; i < fill_.size(); ++i) fds[i] = {fill_[i].fd, short(fill_[i].events & mask), 0};
+  int n = fds.empty() ? 0 : ::poll(fds.data(), fds.size(), timeoutMs);
   for (size_t i = 0; i < fill_.size(); ++i) fill_[i].revents = n > 0 ? fds[i].revents : 0;
   // n < 0 (EINTR, say): libslirp skips the sockets this round but still runs its TCP timers.
   slirp_pollfds_poll(slirp_, n < 0 ? 1 : 0, Callbacks::getRevents, this);
+  return n;
 }
 
 void SlirpBackend::onTimer() {
@@ -289,7 +285,7 @@ void SlirpBackend::onTimer() {
       slirp_handle_timer(slirp_, due->id, due->cbOpaque);
     }
   }
-  pollOnce();  // TCP's fast and slow timers run inside slirp_pollfds_poll
+  pollOnce(~short(0), 0);  // TCP's fast and slow timers run inside slirp_pollfds_poll
   update();
 }
 

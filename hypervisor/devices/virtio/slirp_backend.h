@@ -94,8 +94,9 @@ class SlirpBackend final : public NetBackend {
   void update();
   // The loop said `fd` is ready for `events` (IoEvent bits): libslirp handles that socket.
   void onReady(int fd, uint32_t events);
-  // One poll pass over all of libslirp's sockets (a timer is due).
-  void pollOnce();
+  // One poll(2) of libslirp's sockets (fill_) for the events in `mask`, waiting up to timeoutMs,
+  // then libslirp's pass over the result (a timer is due, or drainToHost). poll's count.
+  int pollOnce(short mask, int timeoutMs);
   void onTimer();
   void unwatch(int fd);
 
