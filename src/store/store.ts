@@ -41,7 +41,11 @@ export interface VmDir {
   release(): Promise<void>;
 }
 
-/** The names skiff's engines create in a VM directory; a user's `vsock_PORT` listeners are not among them. */
+/**
+ * The names skiff's engines create in a VM directory (DeviceServer's vhost-user sockets in
+ * hypervisor/transport/device_server.cc, UnixVsockHost's `vsock`, src/vm/qemu.ts's status file); a
+ * user's `vsock_PORT` listeners are not among them.
+ */
 const VM_DIR_ENTRIES = /^(vsock|skiff-status|(blk\d+|rng|vsock|net)\.sock)$/;
 /** In a VM directory the user chose: the pid of the skiff that uses it. */
 const VM_DIR_LOCK = '.skiff-vm';

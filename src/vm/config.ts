@@ -185,7 +185,8 @@ async function checkDisks(inputs: readonly DiskInput[]): Promise<Disk[]> {
 /**
  * The NIC both engines hand the addon for `config.network` (undefined for 'none'). `seed` picks
  * the MAC (the addon's Net::stableMac, the one place it is computed): the engines pass the VM's
- * private directory, unique per VM, so each VM gets its own locally administered address.
+ * directory, which no two running VMs share (a private one, or a --vm-dir that skiff locks), so
+ * each VM gets its own locally administered address.
  */
 export function netDevice(config: VmConfig, seed: string): { seed: string; forwards: { hostPort: number; guestPort: number; udp: boolean }[] } | undefined {
   if (config.network === 'none') return undefined;

@@ -121,20 +121,15 @@ export function serveDevices(config: VmConfig, vmDir: string): DeviceServerHandl
 
 export async function startQemu(config: VmConfig, options: QemuOptions): Promise<QemuMachine> {
   const vmDir = await makeVmDir(config.vmDir);
-  let devices: DeviceServerHandle;
-  try {
-    devices = serveDevices(config, vmDir.path);
-  } catch (err) {
-    await vmDir.release();
-    throw err;
-  }
   const statusFile = path.join(vmDir.path, 'skiff-status');
   const binary = options.binary ?? QEMU_BINARY;
+  let devices: DeviceServerHandle | undefined;
   let child: ChildProcess;
   try {
+    devices = serveDevices(config, vmDir.path);
     child = spawn(binary, qemuArgs(config, statusFile, options, devices), { stdio: ['pipe', 'pipe', 'pipe'] });
   } catch (err) {
-    devices.close();
+    devices?.close();
     await vmDir.release();
     throw err;
   }
