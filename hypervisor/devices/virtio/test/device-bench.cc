@@ -202,6 +202,14 @@ struct VsockRig {
   uint64_t rxSlot = 0, txSlot = 0;
 };
 
+// Waits for the host socket to be ready for `events` (POLLIN or POLLOUT), as the loop would, then
+// tells the device.
+void hostWait(VsockRig& v, short events) {
+  pollfd p{v.host.fd, events, 0};
+  ::poll(&p, 1, -1);
+  v.vsock.hostReady(v.host.fd, events == POLLIN, events == POLLOUT);
+}
+
 // Host → guest: a thread writes `bytes` into the host socket; the guest never runs out of credit
 // (buf_alloc 4 GiB - 1) and keeps its rx ring full.
 double vsockToGuest(uint64_t bytes) {
@@ -228,11 +236,7 @@ double vsockToGuest(uint64_t bytes) {
     v.postRx();
     got += v.takeRx(fwd);
     if (got >= bytes) break;
-    if (v.host.readable) {  // the device found the socket empty: wait for data like the loop would
-      pollfd p{v.host.fd, POLLIN, 0};
-      ::poll(&p, 1, -1);
-      v.vsock.hostReady(v.host.fd, true, false);
-    }
+    if (v.host.readable) hostWait(v, POLLIN);  // the device found the socket empty
   }
   double cpu = threadCpu() - t0;
   feeder.join();
@@ -265,11 +269,7 @@ double vsockFromGuest(uint64_t bytes) {
     uint32_t len = uint32_t(std::min<uint64_t>(bytes - sent, 65536));
     // The device's credit (buf_alloc 256 KiB, fwd_cnt from its packets): wait for room.
     while (uint32_t(sent) - fwd + len > Vsock::kBufAlloc) {
-      if (v.host.writable) {
-        pollfd p{v.host.fd, POLLOUT, 0};
-        ::poll(&p, 1, -1);
-        v.vsock.hostReady(v.host.fd, false, true);
-      }
+      if (v.host.writable) hostWait(v, POLLOUT);
       v.postRx();
       v.takeRx(fwd);
     }
@@ -278,11 +278,7 @@ double vsockFromGuest(uint64_t bytes) {
     v.postRx();
     v.takeRx(fwd);
   }
-  while (v.host.writable) {  // what the host socket has not taken yet
-    pollfd p{v.host.fd, POLLOUT, 0};
-    ::poll(&p, 1, -1);
-    v.vsock.hostReady(v.host.fd, false, true);
-  }
+  while (v.host.writable) hostWait(v, POLLOUT);  // what the host socket has not taken yet
   double cpu = threadCpu() - t0;
   drainer.join();
   ::close(v.host.peer);
