@@ -1039,6 +1039,15 @@ struct VsockHarness {
     payload.assign(reinterpret_cast<const char*>(mem.at(gpa + sizeof h, h.len ? h.len : 1)), h.len);  // bytes the device wrote, as chars
     return len == sizeof h + h.len;
   }
+  // A guest connection from guestPort to the host's hostPort, answered (the rx buffers posted
+  // first): the host's end of it.
+  int connect(uint32_t guestPort, uint32_t hostPort) {
+    send(Vsock::kOpRequest, guestPort, hostPort);
+    Vsock::Header h;
+    std::string data;
+    CHECK(receive(h, data) && h.op == Vsock::kOpResponse);
+    return host.peers.at(hostPort);
+  }
   FakeMemory mem;
   FakeVsockHost host;
   Vsock vsock;
@@ -1186,11 +1195,9 @@ TEST(vsock_rx_one_read_fills_several_buffers) {
 TEST(vsock_one_credit_update_per_batch) {
   VsockHarness v;
   v.postRx(1);
-  v.send(Vsock::kOpRequest, 42000, 9);
+  int peer = v.connect(42000, 9);
   Vsock::Header h;
   std::string data;
-  CHECK(v.receive(h, data) && h.op == Vsock::kOpResponse);
-  int peer = v.host.peers.at(9);
   // Three 33 KiB packets in one kick with no rx buffer posted: 66 KiB and 99 KiB forwarded both
   // cross the 64 KiB threshold.
   std::string chunk(33 * 1024, 'q');
@@ -1223,10 +1230,9 @@ TEST(vsock_one_credit_update_per_batch) {
 TEST(vsock_holds_the_guest_to_its_credit) {
   VsockHarness v;
   v.postRx(8);
-  v.send(Vsock::kOpRequest, 40000, 7);
+  int peer = v.connect(40000, 7);
   Vsock::Header h;
   std::string data;
-  CHECK(v.receive(h, data) && h.op == Vsock::kOpResponse);
   // The host end never reads: socket buffer, then the device's 256 KiB, then a reset.
   std::string chunk(Vsock::kMaxPayload, 'z');
   bool reset = false;
@@ -1237,7 +1243,7 @@ TEST(vsock_holds_the_guest_to_its_credit) {
   CHECK(reset);
   CHECK(v.vsock.connectionCount() == 0);
   CHECK(!(rd(v.mmio, 0x70) & kDeviceNeedsReset));  // a connection's fault, not the device's
-  close(v.host.peers.at(7));
+  close(peer);
 }
 
 TEST(vsock_hostile_packets) {
